@@ -1,0 +1,3 @@
+from pfengine.cache.block_manager import BlockManager, OutOfBlocks
+
+__all__ = ["BlockManager", "OutOfBlocks"]

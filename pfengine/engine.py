@@ -1,0 +1,242 @@
+"""The engine: load once, then run many PF requests together over one paged cache per model.
+
+Data flow per iteration: admit (prefill prompt, fork it N ways) -> decode one token for every particle
+mid-step, of every request, in one forward -> for requests whose particles all reached a step end:
+PRM score -> weights -> resample -> fork -> next step; requests whose particles all finished return.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from itertools import count
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from pfengine.cache.block_manager import BlockManager
+from pfengine.config import KV_DTYPES, EngineConfig, Request
+from pfengine.model.checkpoint import CheckpointError, read_config
+from pfengine.model.decoder import load_decoder
+from pfengine.prm import CallablePRM, ModelPRM, PRMFn, ValueHeadPRM, load_value_head
+from pfengine.runner import ModelRunner
+from pfengine.sampling import sample
+from pfengine.search.particle_filter import PRM, finish_round, start_particles
+from pfengine.state import ParticleResult, PFResult, RequestState
+
+log = logging.getLogger("pfengine")
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, prm_fn: PRMFn | None = None, step_tag: str = "<extra_0>") -> None:
+        self.config = config
+        self.tokenizer = _load_tokenizer(config.model)
+        model_cfg = read_config(config.model)
+        self.max_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
+        self.policy = self._runner(config.model)
+        self.prm_runner: ModelRunner | None = None
+        self.prm = self._load_prm(prm_fn, step_tag, model_cfg.hidden_size)
+        self.eos_ids = _eos_ids(config.model, model_cfg.eos_token_ids, self.tokenizer)
+        self._token_text: dict[int, str] = {}
+        self._free_rows = list(range(config.max_particles - 1, -1, -1))
+        self._ids = count()
+
+    def _runner(self, path: str) -> ModelRunner:
+        c = self.config
+        decoder = load_decoder(path, c.num_blocks, c.block_size, KV_DTYPES[c.kv_dtype], self.max_len, c.device)
+        max_blocks = (self.max_len + c.block_size - 1) // c.block_size
+        return ModelRunner(decoder, BlockManager(c.num_blocks, c.block_size, c.max_particles, max_blocks, c.device))
+
+    def _load_prm(self, prm_fn: PRMFn | None, step_tag: str, hidden_size: int) -> PRM:
+        path = self.config.prm
+        if prm_fn is not None:
+            if path is not None:
+                raise ValueError("give either EngineConfig.prm or prm_fn, not both")
+            return CallablePRM(prm_fn)
+        if path is None:
+            raise ValueError("particle filtering needs a PRM: set EngineConfig.prm (a PRM directory or a "
+                             "value-head .safetensors file) or pass prm_fn")
+        if Path(path).is_file():
+            return ValueHeadPRM(load_value_head(path, hidden_size))
+        if not read_config(path).is_prm:
+            raise CheckpointError(f"{path}: a PRM directory needs architectures ['Qwen2ForProcessRewardModel']")
+        _check_same_tokenizer(self.tokenizer, _load_tokenizer(path), path)
+        tag_id = self.tokenizer.convert_tokens_to_ids(step_tag)
+        if tag_id is None or tag_id == self.tokenizer.unk_token_id:
+            raise CheckpointError(f"{path}: step tag {step_tag!r} is not a token of the tokenizer")
+        self.prm_runner = self._runner(path)
+        return ModelPRM(self.prm_runner, tag_id)
+
+    @property
+    def runners(self) -> list[ModelRunner]:
+        return [self.policy] + ([self.prm_runner] if self.prm_runner else [])
+
+    def stats(self) -> dict[str, int]:
+        s = {"policy_tokens_forwarded": self.policy.tokens_forwarded,
+             "policy_blocks_in_use": self.policy.blocks.blocks_in_use, "cow_copies": self.policy.cow_copies}
+        if self.prm_runner is not None:
+            s |= {"prm_tokens_forwarded": self.prm_runner.tokens_forwarded, "prm_tags_forwarded": self.prm.tags_forwarded,
+                  "prm_blocks_in_use": self.prm_runner.blocks.blocks_in_use}
+        return s
+
+    def generate(self, requests: list[Request]) -> list[PFResult]:
+        """Run all requests to completion, together; results in the order given."""
+        states = [self._prepare(r) for r in requests]
+        waiting, running = list(states), []
+        results: dict[int, PFResult] = {}
+        while waiting or running:
+            running += self._admit(waiting)
+            self._decode(running)
+            at_barrier = [r for r in running if all(p.step_done or p.finished for p in r.particles)]
+            if at_barrier:
+                finish_round(at_barrier, self.prm, self.runners, self._decode_text)
+            for r in [r for r in at_barrier if all(p.frozen for p in r.particles)]:
+                running.remove(r)
+                results[r.id] = self._finish(r)
+        return [results[s.id] for s in states]
+
+    def _prepare(self, request: Request) -> RequestState:
+        prompt = request.prompt
+        if isinstance(prompt, list):
+            if not prompt:
+                raise ValueError("prompt: chat messages must not be empty")
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        elif isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            raise TypeError(f"prompt: expected a string or a list of chat messages, got {type(prompt).__name__}")
+        n = request.pf.n_particles
+        if n > self.config.max_particles:
+            raise ValueError(f"n_particles={n} exceeds EngineConfig.max_particles={self.config.max_particles}")
+        room = self.max_len - len(ids) - request.sampling.max_steps  # PRM step tags need room too
+        if room <= 0:
+            raise ValueError(f"prompt: {len(ids)} tokens (+{request.sampling.max_steps} step tags) does not fit "
+                             f"max_model_len={self.max_len}")
+        need = self._blocks_to_admit(len(ids), n, request.sampling.max_step_tokens)
+        if need > self.config.num_blocks:
+            raise ValueError(f"request needs about {need} KV blocks for its prompt and one step of {n} particles; "
+                             f"the cache has {self.config.num_blocks} (raise EngineConfig.num_blocks)")
+        gen = torch.Generator().manual_seed(request.sampling.seed if request.sampling.seed is not None
+                                            else torch.seed())
+        return RequestState(id=next(self._ids), request=request, prompt_ids=ids, prompt_text=text, rows=[],
+                            generator=gen)
+
+    def _blocks_to_admit(self, prompt_len: int, n: int, step_tokens: int) -> int:
+        B = self.config.block_size
+        return (prompt_len + B - 1) // B + n * ((step_tokens + 1 + B - 1) // B + 1)
+
+    def _admit(self, waiting: list[RequestState]) -> list[RequestState]:
+        """Prefill as many waiting requests as fit (rows, and blocks for their first step), in order."""
+        admitted: list[RequestState] = []
+        free_blocks = min(r.blocks.num_free for r in self.runners)
+        while waiting:
+            r = waiting[0]
+            need = self._blocks_to_admit(len(r.prompt_ids), r.request.pf.n_particles, r.request.sampling.max_step_tokens)
+            if r.request.pf.n_particles > len(self._free_rows) or need > free_blocks:
+                break
+            free_blocks -= need
+            r.rows = [self._free_rows.pop() for _ in range(r.request.pf.n_particles)]
+            admitted.append(waiting.pop(0))
+        if not admitted:
+            return admitted
+        roots = [r.rows[0] for r in admitted]
+        hidden = self.policy.extend(roots, [r.prompt_ids for r in admitted])
+        logits = self.policy.decoder.logits(hidden)
+        if self.prm_runner is not None:
+            self.prm_runner.extend(roots, [r.prompt_ids for r in admitted])
+        for k, r in enumerate(admitted):
+            r.started = time.perf_counter()
+            r.stats.prompt_tokens = len(r.prompt_ids)
+            for runner in self.runners:
+                runner.blocks.assign(torch.tensor(r.rows[1:]), torch.tensor([r.rows[0]] * (r.n - 1)))
+            start_particles(r, logits[k:k + 1], hidden[k:k + 1])
+        return admitted
+
+    def _decode(self, running: list[RequestState]) -> None:
+        """Sample one token for every particle mid-step and forward them all in one batch."""
+        rows, tokens, owners = [], [], []
+        for r in running:
+            idx = [i for i, p in enumerate(r.particles) if not (p.step_done or p.finished)]
+            if not idx:
+                continue
+            new = sample(r.logits[idx], r.request.sampling, r.generator).tolist()
+            for i, t in zip(idx, new):
+                self._append(r, r.particles[i], t)
+            rows += [r.rows[i] for i in idx]
+            tokens += new
+            owners.append((r, idx))
+        if not rows:
+            return
+        hidden = self.policy.decode(torch.tensor(rows), torch.tensor(tokens))
+        logits = self.policy.decoder.logits(hidden)
+        k = 0
+        for r, idx in owners:
+            r.hidden[idx], r.logits[idx] = hidden[k:k + len(idx)], logits[k:k + len(idx)]
+            k += len(idx)
+
+    def _append(self, r: RequestState, p, token: int) -> None:
+        sp = r.request.sampling
+        p.tokens.append(token)
+        r.stats.generated_tokens += 1
+        text = self._decode_token(token)
+        p.step_text += text
+        tail = p.step_text[-(len(text) + len(sp.step_delimiter) - 1):] if text else ""
+        step_len = len(p.tokens) - p.step_starts[-1]
+        limit = min(sp.max_tokens, self.max_len - len(r.prompt_ids) - sp.max_steps)
+        if (sp.stop_on_eos and token in self.eos_ids) or len(p.tokens) >= limit:
+            p.finished = True
+        if p.finished or sp.step_delimiter in tail or step_len >= sp.max_step_tokens:
+            p.step_done = True
+            p.finished = p.finished or len(p.step_starts) >= sp.max_steps
+
+    def _decode_token(self, token: int) -> str:
+        text = self._token_text.get(token)
+        if text is None:
+            text = self._token_text[token] = self.tokenizer.decode([token])
+        return text
+
+    def _decode_text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _finish(self, r: RequestState) -> PFResult:
+        for runner in self.runners:
+            runner.blocks.free(torch.tensor(r.rows))
+        self._free_rows += r.rows
+        r.stats.seconds = time.perf_counter() - r.started
+        weights = r.log_w.exp()
+        best = int(torch.argmax(weights))
+        scores = r.trace[-1].scores
+        particles = [ParticleResult(text=self._decode_text(p.tokens), token_ids=list(p.tokens),
+                                    steps=[self._decode_text(s) for s in p.steps()], weight=float(weights[i]),
+                                    score=scores[i], finished=p.finished) for i, p in enumerate(r.particles)]
+        return PFResult(answer=particles[best].text, best=best, particles=particles, trace=r.trace, stats=r.stats)
+
+
+def _load_tokenizer(path: str):
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot load its tokenizer ({e})") from None
+
+
+def _check_same_tokenizer(policy, prm, prm_path: str) -> None:
+    pv, rv = policy.get_vocab(), prm.get_vocab()
+    differ = [t for t, i in pv.items() if rv.get(t) != i]
+    if differ:
+        raise CheckpointError(f"{prm_path}: PRM tokenizer differs from the policy's ({len(differ)} tokens map to "
+                              f"other ids, e.g. {differ[0]!r}); the PRM must share the policy's tokenizer")
+
+
+def _eos_ids(path: str, config_ids: tuple[int, ...], tokenizer) -> frozenset[int]:
+    ids = set(config_ids)
+    gen_cfg = Path(path) / "generation_config.json"
+    if gen_cfg.is_file():
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

@@ -1,0 +1,1 @@
+"""Hot-path kernels. Each module holds a kernel, its plain-torch reference and the dispatch."""

@@ -1,0 +1,140 @@
+"""Our decoder (Llama / Qwen2 / Mistral) over one paged KV tensor ``[2, layers, blocks, B, Hkv, D]``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pfengine.kernels.kv_store import store_kv
+from pfengine.kernels.paged_attention import paged_decode_attention
+from pfengine.kernels.prm_score import PRMHead
+from pfengine.model.checkpoint import ModelConfig, expected_shapes, load_tensors, read_config
+from pfengine.model.rope import apply_rope, rope_table
+
+
+@dataclass
+class ForwardBatch:
+    """A packed batch: sequence ``i`` owns tokens ``[cu_q[i], cu_q[i+1])`` and, after this forward,
+    attends to ``context_lens[i]`` cached tokens through block table row ``rows[i]``."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    rows: torch.Tensor
+    cu_q: list[int]
+    context_lens: torch.Tensor
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.cu_q) - 1 == self.tokens.numel()
+
+
+@dataclass
+class Layer:
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    o_w: torch.Tensor
+    gate_up_w: torch.Tensor
+    down_w: torch.Tensor
+    attn_norm: torch.Tensor
+    mlp_norm: torch.Tensor
+
+
+class PagedDecoder:
+    """Weights plus the KV cache of one model. ``forward`` returns final-normed hidden states."""
+
+    def __init__(self, cfg: ModelConfig, tensors: dict[str, torch.Tensor], num_blocks: int, block_size: int,
+                 kv_dtype: torch.dtype, max_len: int, device: str | torch.device = "cpu") -> None:
+        self.cfg = cfg
+        t = {k: v.to(device) for k, v in tensors.items()}
+        self.embed = t["model.embed_tokens.weight"]
+        self.norm = t["model.norm.weight"]
+        self.lm_head = None if cfg.is_prm else t.get("lm_head.weight", self.embed)
+        self.prm_head = (PRMHead(t["score.0.weight"], t["score.0.bias"], t["score.2.weight"], t["score.2.bias"])
+                         if cfg.is_prm else None)
+        self.layers = [self._layer(t, f"model.layers.{i}.") for i in range(cfg.num_layers)]
+        self.rope = rope_table(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_len).to(device)
+        self.kv_cache = torch.zeros(2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+                                    dtype=kv_dtype, device=device)
+        self.tables: torch.Tensor | None = None
+        """Block tables of this model's cache; the engine points this at its block manager's."""
+
+    def _layer(self, t: dict[str, torch.Tensor], p: str) -> Layer:
+        a = p + "self_attn."
+        qkv_b = (torch.cat([t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]])
+                 if self.cfg.qkv_bias else None)
+        return Layer(
+            qkv_w=torch.cat([t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"]]),
+            qkv_b=qkv_b, o_w=t[a + "o_proj.weight"],
+            gate_up_w=torch.cat([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]]),
+            down_w=t[p + "mlp.down_proj.weight"],
+            attn_norm=t[p + "input_layernorm.weight"], mlp_norm=t[p + "post_attention_layernorm.weight"])
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        x = self.embed[batch.tokens]
+        cos_sin = self.rope[batch.positions]
+        for i, layer in enumerate(self.layers):
+            x = x + self._attention(i, layer, _rms_norm(x, layer.attn_norm, self.cfg.rms_norm_eps), cos_sin, batch)
+            h = _rms_norm(x, layer.mlp_norm, self.cfg.rms_norm_eps)
+            gate, up = F.linear(h, layer.gate_up_w).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down_w)
+        return _rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        assert self.lm_head is not None, "a PRM checkpoint has no language-model head"
+        return F.linear(hidden, self.lm_head)
+
+    def _attention(self, i: int, layer: Layer, x: torch.Tensor, cos_sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        c = self.cfg
+        qkv = F.linear(x, layer.qkv_w, layer.qkv_b)
+        q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1)
+        q = apply_rope(q.view(-1, c.num_heads, c.head_dim), cos_sin)
+        k = apply_rope(k.view(-1, c.num_kv_heads, c.head_dim), cos_sin)
+        v = v.view(-1, c.num_kv_heads, c.head_dim)
+        k_cache, v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        store_kv(k, v, k_cache, v_cache, batch.slots)
+        scale = c.head_dim ** -0.5
+        if batch.is_decode:
+            out = paged_decode_attention(q, k_cache, v_cache, self.tables[batch.rows], batch.context_lens, scale)
+        else:
+            out = self._extend_attention(q, k, v, k_cache, v_cache, batch, scale)
+        return F.linear(out.reshape(q.shape[0], -1), layer.o_w)
+
+    def _extend_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
+        """Several new tokens per sequence on top of (possibly) cached context: SDPA per sequence."""
+        out = torch.empty_like(q)
+        groups = self.cfg.num_heads // self.cfg.num_kv_heads
+        block_size = k_cache.shape[1]
+        for s, (lo, hi) in enumerate(zip(batch.cu_q[:-1], batch.cu_q[1:])):
+            total = int(batch.context_lens[s])
+            if total == hi - lo:
+                ks, vs = k[lo:hi], v[lo:hi]
+            else:
+                blocks = self.tables[batch.rows[s], :(total + block_size - 1) // block_size].long()
+                ks = k_cache[blocks].flatten(0, 1)[:total].to(q.dtype)
+                vs = v_cache[blocks].flatten(0, 1)[:total].to(q.dtype)
+            pos_q = torch.arange(total - (hi - lo), total, device=q.device)
+            mask = torch.arange(total, device=q.device)[None, :] <= pos_q[:, None]
+            o = F.scaled_dot_product_attention(
+                q[lo:hi].transpose(0, 1), ks.repeat_interleave(groups, 1).transpose(0, 1),
+                vs.repeat_interleave(groups, 1).transpose(0, 1), attn_mask=mask, scale=scale)
+            out[lo:hi] = o.transpose(0, 1)
+        return out
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def load_decoder(path: str | Path, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
+                 max_len: int | None = None, device: str | torch.device = "cpu") -> PagedDecoder:
+    """Load a checkpoint directory; compute in fp32 (bf16 GEMMs are ~400x slower on CPU)."""
+    cfg = read_config(path)
+    shapes = expected_shapes(cfg)
+    tensors = load_tensors(path, shapes, optional=frozenset({"lm_head.weight"}) if cfg.tie_word_embeddings else frozenset())
+    return PagedDecoder(cfg, tensors, num_blocks, block_size, kv_dtype,
+                        min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings), device)

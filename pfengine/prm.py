@@ -1,0 +1,86 @@
+"""Process reward models: a value head on the policy, a separate PRM model with its own forked cache,
+or a Python callable. Each scores the particles whose step just ended."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pfengine.kernels.prm_score import LOGIT_CLIP, P_CLIP, PRMHead
+from pfengine.model.checkpoint import CheckpointError, load_tensors
+from pfengine.runner import ModelRunner
+
+PRMFn = Callable[[str, list[str]], float]
+"""``(prompt_text, steps_so_far) -> probability that the last step is correct``."""
+
+
+@dataclass
+class EndedStep:
+    """One particle whose step just ended: what every PRM kind may need to score it."""
+
+    row: int
+    hidden: torch.Tensor
+    """The policy's final hidden state at the step's last token."""
+    new_tokens: list[int]
+    """Tokens the PRM cache has not seen yet (this step's)."""
+    prompt: str
+    steps: list[str]
+
+
+class ValueHeadPRM:
+    """``Linear(H,H) -> ReLU -> Linear(H,2)`` on the policy's own hidden state: no extra forward."""
+
+    def __init__(self, head: PRMHead) -> None:
+        self.head = head
+
+    def score(self, ended: list[EndedStep]) -> tuple[torch.Tensor, PRMHead]:
+        return torch.stack([e.hidden for e in ended]), self.head
+
+
+class ModelPRM:
+    """A Qwen2.5-Math-PRM-layout model. Its cache forks with the policy's (same rows), so each
+    token goes through the PRM once; a step tag follows each step and is read by the head. With
+    ``keep_tags=False`` (``model`` aggregation) the tag is scored and then dropped from the cache."""
+
+    def __init__(self, runner: ModelRunner, step_tag_id: int) -> None:
+        assert runner.decoder.prm_head is not None
+        self.runner, self.step_tag_id = runner, step_tag_id
+        self.tags_forwarded = 0
+
+    def prefill(self, row: int, prompt_ids: list[int]) -> None:
+        self.runner.extend([row], [prompt_ids])
+
+    def score(self, ended: list[EndedStep], keep_tags: bool) -> tuple[torch.Tensor, PRMHead]:
+        rows = [e.row for e in ended]
+        hidden = self.runner.extend(rows, [e.new_tokens + [self.step_tag_id] for e in ended])
+        self.tags_forwarded += len(ended)
+        self.runner.tokens_forwarded -= len(ended)  # tags are counted apart from content tokens
+        if not keep_tags:
+            self.runner.blocks.truncate(torch.tensor(rows), 1)
+        return hidden, self.runner.decoder.prm_head
+
+
+class CallablePRM:
+    def __init__(self, fn: PRMFn) -> None:
+        self.fn = fn
+
+    def score(self, ended: list[EndedStep]) -> torch.Tensor:
+        """Step logits ``logit(p)``, p clipped to ``[1e-7, 1 - 1e-7]``."""
+        probs = [float(self.fn(e.prompt, e.steps)) for e in ended]
+        bad = [p for p in probs if not 0.0 <= p <= 1.0]
+        if bad:
+            raise ValueError(f"PRM callable must return probabilities in [0, 1], got {bad[0]!r}")
+        return torch.tensor([math.log(max(p, P_CLIP) / max(1 - p, P_CLIP)) for p in probs]).clamp(-LOGIT_CLIP, LOGIT_CLIP)
+
+
+def load_value_head(path: str | Path, hidden_size: int) -> PRMHead:
+    """A safetensors file with ``score.0.{weight,bias}`` (H x H) and ``score.2.{weight,bias}`` (2 x H)."""
+    H = hidden_size
+    shapes = {"score.0.weight": (H, H), "score.0.bias": (H,), "score.2.weight": (2, H), "score.2.bias": (2,)}
+    if not str(path).endswith(".safetensors"):
+        raise CheckpointError(f"value head {str(path)!r}: expected a .safetensors file")
+    t = load_tensors(path, shapes)
+    return PRMHead(t["score.0.weight"], t["score.0.bias"], t["score.2.weight"], t["score.2.bias"])

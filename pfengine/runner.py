@@ -1,0 +1,43 @@
+"""One model over its paged cache: reserve slots (copy-on-write), build the batch, forward, count tokens."""
+from __future__ import annotations
+
+import torch
+
+from pfengine.cache.block_manager import BlockManager
+from pfengine.kernels.copy_blocks import copy_blocks
+from pfengine.model.decoder import ForwardBatch, PagedDecoder
+
+
+class ModelRunner:
+    def __init__(self, decoder: PagedDecoder, blocks: BlockManager) -> None:
+        self.decoder, self.blocks = decoder, blocks
+        decoder.tables = blocks.tables
+        self.tokens_forwarded = 0
+        self.cow_copies = 0
+
+    def extend(self, rows: list[int], token_lists: list[list[int]]) -> torch.Tensor:
+        """Append several tokens to each row (prompt prefill, PRM steps); hidden state of each row's last token."""
+        assert all(token_lists), "extend: every row needs at least one token"
+        rows_t = torch.tensor(rows, dtype=torch.int64)
+        n_new = torch.tensor([len(t) for t in token_lists], dtype=torch.int64)
+        start = self.blocks.lens[rows_t].clone()
+        slots = self._reserve(rows_t, n_new)
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(start.tolist(), n_new.tolist())])
+        cu = [0, *torch.cumsum(n_new, 0).tolist()]
+        tokens = torch.tensor([t for ts in token_lists for t in ts], dtype=torch.int64)
+        hidden = self.decoder.forward(ForwardBatch(tokens, positions, slots, rows_t, cu, start + n_new))
+        return hidden[torch.tensor(cu[1:]) - 1]
+
+    def decode(self, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token to each row; their hidden states ``[n, H]``."""
+        positions = self.blocks.lens[rows].clone()
+        slots = self._reserve(rows, torch.ones_like(rows))
+        cu = list(range(rows.numel() + 1))
+        return self.decoder.forward(ForwardBatch(tokens, positions, slots, rows, cu, positions + 1))
+
+    def _reserve(self, rows: torch.Tensor, n_new: torch.Tensor) -> torch.Tensor:
+        slots, cow = self.blocks.reserve(rows, n_new)
+        copy_blocks(self.decoder.kv_cache, cow)
+        self.cow_copies += cow.shape[1]
+        self.tokens_forwarded += int(n_new.sum())
+        return slots

@@ -1,0 +1,22 @@
+"""Logits -> tokens, with each request's own generator so a request samples the same alone or batched."""
+from __future__ import annotations
+
+import torch
+
+from pfengine.config import SamplingParams
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """``logits [n, V]`` -> token ids ``[n]``; temperature 0 is greedy."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= params.top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
