@@ -41,6 +41,7 @@ class Engine:
         self._token_text: dict[int, str] = {}
         self._free_rows = list(range(config.max_particles - 1, -1, -1))
         self._ids = count()
+        self._nodes = count(1)
 
     def _runner(self, path: str) -> ModelRunner:
         c = self.config
@@ -152,31 +153,49 @@ class Engine:
             r.started = time.perf_counter()
             r.stats.prompt_tokens = len(r.prompt_ids)
             for runner in self.runners:
-                runner.blocks.assign(torch.tensor(r.rows[1:]), torch.tensor([r.rows[0]] * (r.n - 1)))
+                runner.blocks.assign(torch.tensor(r.rows[1:], dtype=torch.int64), torch.full((r.n - 1,), r.rows[0]))
             start_particles(r, logits[k:k + 1], hidden[k:k + 1])
         return admitted
 
     def _decode(self, running: list[RequestState]) -> None:
-        """Sample one token for every particle mid-step and forward them all in one batch."""
-        rows, tokens, owners = [], [], []
+        """Sample one token for every particle mid-step and forward them all in one batch.
+
+        Siblings that hold the same sequence and sample the same token are forwarded once; the
+        others fork from that one afterwards, so no token is ever computed twice."""
+        forwarded: list[tuple[RequestState, int]] = []
+        dups: list[tuple[RequestState, int, int]] = []
+        tokens: list[int] = []
         for r in running:
             idx = [i for i, p in enumerate(r.particles) if not (p.step_done or p.finished)]
             if not idx:
                 continue
-            new = sample(r.logits[idx], r.request.sampling, r.generator).tolist()
-            for i, t in zip(idx, new):
-                self._append(r, r.particles[i], t)
-            rows += [r.rows[i] for i in idx]
-            tokens += new
-            owners.append((r, idx))
-        if not rows:
+            first: dict[tuple[int, int], int] = {}
+            for i, t in zip(idx, sample(r.logits[idx], r.request.sampling, r.generator).tolist()):
+                p = r.particles[i]
+                rep = first.setdefault((p.node, t), i)
+                if rep == i:
+                    p.node = next(self._nodes)
+                    forwarded.append((r, i))
+                    tokens.append(t)
+                else:
+                    p.node = r.particles[rep].node
+                    dups.append((r, i, rep))
+                self._append(r, p, t)
+        if not forwarded:
             return
-        hidden = self.policy.decode(torch.tensor(rows), torch.tensor(tokens))
+        rows_t, tokens_t = torch.tensor([r.rows[i] for r, i in forwarded]), torch.tensor(tokens)
+        hidden = self.policy.decode(rows_t, tokens_t)
         logits = self.policy.decoder.logits(hidden)
-        k = 0
-        for r, idx in owners:
-            r.hidden[idx], r.logits[idx] = hidden[k:k + len(idx)], logits[k:k + len(idx)]
-            k += len(idx)
+        if self.prm_runner is not None:  # the PRM reads every token once, in step with the policy
+            self.prm_runner.decode(rows_t, tokens_t)
+        for k, (r, i) in enumerate(forwarded):
+            r.hidden[i], r.logits[i] = hidden[k], logits[k]
+        if dups:
+            for runner in self.runners:
+                runner.blocks.assign(torch.tensor([r.rows[i] for r, i, _ in dups]),
+                                     torch.tensor([r.rows[j] for r, _, j in dups]))
+            for r, i, j in dups:
+                r.hidden[i], r.logits[i] = r.hidden[j], r.logits[j]
 
     def _append(self, r: RequestState, p, token: int) -> None:
         sp = r.request.sampling
@@ -211,7 +230,8 @@ class Engine:
         best = int(torch.argmax(weights))
         scores = r.trace[-1].scores
         particles = [ParticleResult(text=self._decode_text(p.tokens), token_ids=list(p.tokens),
-                                    steps=[self._decode_text(s) for s in p.steps()], weight=float(weights[i]),
+                                    steps=[self._decode_text(s) for s in p.steps()],
+                                    step_starts=list(p.step_starts), weight=float(weights[i]),
                                     score=scores[i], finished=p.finished) for i, p in enumerate(r.particles)]
         return PFResult(answer=particles[best].text, best=best, particles=particles, trace=r.trace, stats=r.stats)
 

@@ -24,10 +24,10 @@ class EndedStep:
     row: int
     hidden: torch.Tensor
     """The policy's final hidden state at the step's last token."""
-    new_tokens: list[int]
-    """Tokens the PRM cache has not seen yet (this step's)."""
     prompt: str
     steps: list[str]
+    node: int
+    """Equal nodes hold equal tokens: the PRM forwards one of them and forks the rest."""
 
 
 class ValueHeadPRM:
@@ -41,9 +41,10 @@ class ValueHeadPRM:
 
 
 class ModelPRM:
-    """A Qwen2.5-Math-PRM-layout model. Its cache forks with the policy's (same rows), so each
-    token goes through the PRM once; a step tag follows each step and is read by the head. With
-    ``keep_tags=False`` (``model`` aggregation) the tag is scored and then dropped from the cache."""
+    """A Qwen2.5-Math-PRM-layout model. Its cache has the policy's rows and forks with them, and the
+    engine forwards every policy token through it as it is sampled, so each token is read once.
+    At a step end a step tag is appended and the head reads it. With ``keep_tags=False`` (``model``
+    aggregation) the tag is scored and then dropped from the cache."""
 
     def __init__(self, runner: ModelRunner, step_tag_id: int) -> None:
         assert runner.decoder.prm_head is not None
@@ -54,13 +55,22 @@ class ModelPRM:
         self.runner.extend([row], [prompt_ids])
 
     def score(self, ended: list[EndedStep], keep_tags: bool) -> tuple[torch.Tensor, PRMHead]:
-        rows = [e.row for e in ended]
-        hidden = self.runner.extend(rows, [e.new_tokens + [self.step_tag_id] for e in ended])
-        self.tags_forwarded += len(ended)
-        self.runner.tokens_forwarded -= len(ended)  # tags are counted apart from content tokens
+        rep_of: dict[int, int] = {}
+        for k, e in enumerate(ended):
+            rep_of.setdefault(e.node, k)
+        reps = sorted(set(rep_of.values()))
+        rows = torch.tensor([ended[k].row for k in reps])
+        hidden = self.runner.decode(rows, torch.full_like(rows, self.step_tag_id))
+        self.tags_forwarded += len(reps)
+        self.runner.tokens_forwarded -= len(reps)  # tags are counted apart from content tokens
         if not keep_tags:
-            self.runner.blocks.truncate(torch.tensor(rows), 1)
-        return hidden, self.runner.decoder.prm_head
+            self.runner.blocks.truncate(rows, 1)
+        dups = [k for k, e in enumerate(ended) if rep_of[e.node] != k]
+        if dups:
+            self.runner.blocks.assign(torch.tensor([ended[k].row for k in dups]),
+                                      torch.tensor([ended[rep_of[ended[k].node]].row for k in dups]))
+        position = {k: n for n, k in enumerate(reps)}
+        return hidden[[position[rep_of[e.node]] for e in ended]], self.runner.decoder.prm_head
 
 
 class CallablePRM:

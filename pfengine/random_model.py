@@ -2,13 +2,15 @@
 same path as any real checkpoint. Used by the tests and by the demo until a trained model ships."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers.utils import logging as hf_logging
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<extra_0>"]
 CHAT_TEMPLATE = (
@@ -53,6 +55,7 @@ def save_random_model(path: str | Path, arch: str = "qwen2", seed: int = 0, hidd
     torch.manual_seed(seed)
     model = model_cls(cfg)
     _scale_init(model)
+    hf_logging.disable_progress_bar()
     model.save_pretrained(str(path))
     return path
 
@@ -62,11 +65,9 @@ def save_random_prm(path: str | Path, seed: int = 1, hidden_size: int = 64, num_
     """A random PRM in the Qwen2.5-Math-PRM layout: ``model.*`` backbone + ``score.{0,2}.*`` head."""
     path = save_random_model(path, "qwen2", seed, hidden_size, num_layers, num_heads, num_kv_heads,
                              vocab_size=vocab_size)
-    from safetensors.torch import load_file
     tensors = {k: v for k, v in load_file(str(path / "model.safetensors")).items() if not k.startswith("lm_head")}
     tensors |= random_head(hidden_size, seed)
     save_file(tensors, str(path / "model.safetensors"))
-    import json
     cfg = json.loads((path / "config.json").read_text())
     cfg["architectures"] = ["Qwen2ForProcessRewardModel"]
     (path / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -20,8 +20,9 @@ class Particle:
     finished: bool = False
     frozen: bool = False
     """Finished and scored: keeps its weight, never extended again."""
-    prm_synced: int = 0
-    """How many of ``tokens`` the PRM cache already holds."""
+    node: int = 0
+    """Identity of the token sequence: particles with equal ``node`` hold identical tokens (forks of
+    each other that sampled the same tokens), so only one of them is forwarded."""
 
     def copy(self) -> Particle:
         return replace(self, tokens=list(self.tokens), step_starts=list(self.step_starts))
@@ -60,6 +61,8 @@ class ParticleResult:
     text: str
     token_ids: list[int]
     steps: list[str]
+    step_starts: list[int]
+    """Index into ``token_ids`` where each step begins."""
     weight: float
     score: float
     """Aggregated PRM probability r (weight before normalisation is logit(r) / T)."""

@@ -1,1 +1,77 @@
-"""Hot-path kernels. Each module holds a kernel, its plain-torch reference and the dispatch."""
+"""Hot-path kernels. Each module holds a Triton kernel, its plain-torch reference and the dispatch.
+
+Dispatch (:func:`use_triton`): CUDA tensors take the Triton path when triton is installed;
+``PFENGINE_TRITON=1`` forces the Triton path for any device (tests run it on CPU tensors with
+``TRITON_INTERPRET=1``), ``PFENGINE_TRITON=0`` forces the torch reference everywhere.
+
+Triton is an optional extra: it is imported only when a kernel is first launched (:class:`lazy_jit`),
+so the package imports without it, and whether a kernel is compiled or interpreted is decided by
+``TRITON_INTERPRET`` at first launch rather than at import time.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["use_triton", "profiled", "lazy_jit", "next_pow2", "cdiv", "triton_available"]
+
+_TRITON_AVAILABLE: bool | None = None
+
+
+def triton_available() -> bool:
+    global _TRITON_AVAILABLE
+    if _TRITON_AVAILABLE is None:
+        _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether kernels on ``t``'s device take the Triton path (see the module docstring)."""
+    force = os.environ.get("PFENGINE_TRITON")
+    if force == "0":
+        return False
+    if force == "1":
+        return True
+    return t.is_cuda and triton_available()
+
+
+def profiled(name: str) -> torch.profiler.record_function:
+    """A named profiler range ``pfengine::<name>`` around a kernel launch."""
+    return torch.profiler.record_function(f"pfengine::{name}")
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+class lazy_jit:
+    """``@triton.jit`` applied on first launch: ``kernel[grid](...)`` as with a jitted function.
+
+    Kernels wrapped this way must not call each other (the Triton frontend resolves callees by name
+    in the module's globals, where it would find this wrapper): each kernel is self-contained.
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+        self._jitted: dict[bool, Any] = {}
+
+    def _get(self) -> Any:
+        interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+        jitted = self._jitted.get(interpret)
+        if jitted is None:
+            import triton
+
+            jitted = self._jitted[interpret] = triton.jit(self.fn)
+        return jitted
+
+    def __getitem__(self, grid: Any) -> Any:
+        return self._get()[grid]

@@ -6,6 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
+from pfengine.kernels import cdiv, lazy_jit, next_pow2, profiled, use_triton
+
+try:
+    import triton.language as tl
+except ImportError:  # optional extra: the reference path needs no triton
+    tl = None
+
 P_CLIP = 1e-7
 LOGIT_CLIP = math.log((1 - P_CLIP) / P_CLIP)
 
@@ -29,8 +36,19 @@ def score_particles(hidden: torch.Tensor, head: PRMHead, running: torch.Tensor, 
                     seg_starts: torch.Tensor, aggregation: str, temperature: float | torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused path for hidden-state PRMs: ``hidden [M, H]`` holds each particle's step-end state;
-    rows where ``scored`` is False (frozen particles) keep their running aggregate."""
-    return weigh(head_logit(hidden, head), running, scored, seg_starts, aggregation, temperature)
+    rows where ``scored`` is False (frozen particles) keep their running aggregate.
+
+    Returns ``(running [M], log_w [M] normalised per segment, ess [R])``; nothing here reads a
+    value back to the host on the Triton path."""
+    if use_triton(hidden):
+        return score_particles_triton(hidden, head, running, scored, seg_starts, aggregation, temperature)
+    return score_particles_ref(hidden, head, running, scored, seg_starts, aggregation, temperature)
+
+
+def score_particles_ref(hidden: torch.Tensor, head: PRMHead, running: torch.Tensor, scored: torch.Tensor,
+                        seg_starts: torch.Tensor, aggregation: str, temperature: float | torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return weigh_ref(head_logit(hidden, head), running, scored, seg_starts, aggregation, temperature)
 
 
 def head_logit(hidden: torch.Tensor, head: PRMHead) -> torch.Tensor:
@@ -46,6 +64,13 @@ def weigh(step_logit: torch.Tensor, running: torch.Tensor, scored: torch.Tensor,
 
     ``running`` holds logit(r) for ``model``/``last``/``min`` and sum(log p) for ``prod``.
     """
+    if use_triton(step_logit):
+        return weigh_triton(step_logit, running, scored, seg_starts, aggregation, temperature)
+    return weigh_ref(step_logit, running, scored, seg_starts, aggregation, temperature)
+
+
+def weigh_ref(step_logit: torch.Tensor, running: torch.Tensor, scored: torch.Tensor, seg_starts: torch.Tensor,
+              aggregation: str, temperature: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     step_logit = step_logit.float()
     if aggregation in ("model", "last"):
         new = step_logit
@@ -80,3 +105,155 @@ def running_to_prob(running: torch.Tensor, aggregation: str) -> torch.Tensor:
 def _segment_ids(seg_starts: torch.Tensor, m: int) -> torch.Tensor:
     counts = seg_starts[1:] - seg_starts[:-1]
     return torch.arange(counts.numel(), device=seg_starts.device).repeat_interleave(counts)[:m]
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton path: the H x H GEMM stays a library GEMM; one row-wise epilogue kernel (bias, ReLU, H x 2
+# projection, logit clip, aggregation, temperature) and one per-segment kernel (log-sum-exp
+# normalisation, ESS). No value is read back to the host.
+
+_AGG = {"model": 0, "last": 0, "min": 1, "prod": 2}
+PROD_CAP = math.log1p(-P_CLIP)
+
+
+def score_particles_triton(hidden: torch.Tensor, head: PRMHead, running: torch.Tensor, scored: torch.Tensor,
+                           seg_starts: torch.Tensor, aggregation: str, temperature: float | torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with profiled("prm_head_gemm"):
+        pre = torch.matmul(hidden.float(), head.w1.float().T)
+    return _weigh_launch(pre, head, running, scored, seg_starts, aggregation, temperature)
+
+
+def weigh_triton(step_logit: torch.Tensor, running: torch.Tensor, scored: torch.Tensor, seg_starts: torch.Tensor,
+                 aggregation: str, temperature: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _weigh_launch(step_logit.float(), None, running, scored, seg_starts, aggregation, temperature)
+
+
+def _weigh_launch(x: torch.Tensor, head: PRMHead | None, running: torch.Tensor, scored: torch.Tensor,
+                  seg_starts: torch.Tensor, aggregation: str, temperature: float | torch.Tensor,
+                  block_m: int | None = None, block_h: int | None = None, block_seg: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x`` is ``hidden @ w1.T`` (``[M, H]``, with ``head``) or the step logits (``[M]``, without)."""
+    if aggregation not in _AGG:
+        raise ValueError(f"unknown aggregation {aggregation!r}")
+    m = x.shape[0]
+    dev = x.device
+    n_seg = seg_starts.numel() - 1
+    running = running.float()
+    new_running = torch.empty(m, dtype=torch.float32, device=dev)
+    log_w = torch.empty(m, dtype=torch.float32, device=dev)
+    ess = torch.empty(n_seg, dtype=torch.float32, device=dev)
+    if isinstance(temperature, torch.Tensor):
+        temp_t, temp_s, per_row = temperature.to(device=dev, dtype=torch.float32).expand(m).contiguous(), 1.0, True
+    else:
+        temp_t, temp_s, per_row = new_running, float(temperature), False
+    scored_u8 = scored.to(torch.uint8)
+    if m:
+        block_m = block_m or min(64, next_pow2(m))
+        if head is not None:
+            hdim = x.shape[1]
+            block_h = block_h or min(128, next_pow2(hdim))
+            w1b, w2, b2 = head.b1.float(), head.w2.float(), head.b2.float()
+            s_xm, s_xh = x.stride()
+        else:
+            hdim, block_h = 1, 1
+            w1b = w2 = b2 = x  # unused
+            s_xm, s_xh = x.stride(0), 0
+        with profiled("prm_score_rows"):
+            _prm_rows_kernel[(cdiv(m, block_m),)](
+                x, w1b, w2, b2, running, scored_u8, temp_t, temp_s, new_running, log_w,
+                m, hdim, s_xm, s_xh, w2.stride(0) if head is not None else 0,
+                w2.stride(1) if head is not None else 0,
+                LOGIT_CLIP, PROD_CAP,
+                AGG=_AGG[aggregation], HAS_HEAD=head is not None, PER_ROW_TEMP=per_row,
+                BLOCK_M=block_m, BLOCK_H=block_h)
+    if n_seg:
+        block_seg = block_seg or min(1024, max(16, next_pow2(m)))
+        with profiled("prm_normalise"):
+            _segment_normalise_kernel[(n_seg,)](log_w, ess, seg_starts, BLOCK=block_seg)
+    return new_running, log_w, ess
+
+
+@lazy_jit
+def _prm_rows_kernel(x_ptr, b1_ptr, w2_ptr, b2_ptr, running_ptr, scored_ptr, temp_ptr, temp_scalar,
+                     new_running_ptr, logw_ptr,
+                     M, H, s_xm, s_xh, s_w2r, s_w2c,
+                     logit_clip, prod_cap,
+                     AGG: tl.constexpr, HAS_HEAD: tl.constexpr, PER_ROW_TEMP: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = rows < M
+    if HAS_HEAD:
+        l0 = tl.zeros([BLOCK_M], tl.float32)
+        l1 = tl.zeros([BLOCK_M], tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            hh = h0 + tl.arange(0, BLOCK_H)
+            h_ok = hh < H
+            pre = tl.load(x_ptr + rows[:, None] * s_xm + hh[None, :] * s_xh,
+                          mask=r_ok[:, None] & h_ok[None, :], other=0.0)
+            b1 = tl.load(b1_ptr + hh, mask=h_ok, other=0.0)
+            act = tl.maximum(pre + b1[None, :], 0.0)
+            w20 = tl.load(w2_ptr + hh * s_w2c, mask=h_ok, other=0.0)
+            w21 = tl.load(w2_ptr + s_w2r + hh * s_w2c, mask=h_ok, other=0.0)
+            l0 += tl.sum(act * w20[None, :], 1)
+            l1 += tl.sum(act * w21[None, :], 1)
+        step = (l1 + tl.load(b2_ptr + 1)) - (l0 + tl.load(b2_ptr))
+    else:
+        step = tl.load(x_ptr + rows * s_xm, mask=r_ok, other=0.0)
+    step = tl.minimum(tl.maximum(step, -logit_clip), logit_clip)
+
+    running = tl.load(running_ptr + rows, mask=r_ok, other=0.0)
+    if AGG == 0:  # model / last
+        new = step
+    elif AGG == 1:  # min
+        new = tl.minimum(running, step)
+    else:  # prod: running + logsigmoid(step) = running + min(step, 0) - log1p(exp(-|step|))
+        z = tl.exp(-tl.abs(step))
+        log1p_z = tl.where(z < 1e-4, z * (1.0 - z * (0.5 - z / 3.0)), tl.log(1.0 + z))
+        new = running + (tl.minimum(step, 0.0) - log1p_z)
+    scored = tl.load(scored_ptr + rows, mask=r_ok, other=0) != 0
+    running = tl.where(scored, new, running)
+    tl.store(new_running_ptr + rows, running, mask=r_ok)
+
+    if AGG == 2:  # logit(r) from log r: log r - log(-expm1(log r)), log r capped at log1p(-P_CLIP)
+        r = tl.minimum(running, prod_cap)
+        series = r * (1.0 + r / 2.0 * (1.0 + r / 3.0 * (1.0 + r / 4.0 * (1.0 + r / 5.0 * (1.0 + r / 6.0 * (1.0 + r / 7.0))))))
+        expm1 = tl.where(r > -0.1, series, tl.exp(r) - 1.0)
+        logit = running - tl.log(-expm1)
+    else:
+        logit = running
+    logit = tl.minimum(tl.maximum(logit, -logit_clip), logit_clip)
+    if PER_ROW_TEMP:
+        temp = tl.load(temp_ptr + rows, mask=r_ok, other=1.0)
+    else:
+        temp = temp_scalar
+    tl.store(logw_ptr + rows, logit / temp, mask=r_ok)
+
+
+@lazy_jit
+def _segment_normalise_kernel(logw_ptr, ess_ptr, seg_ptr, BLOCK: tl.constexpr):
+    """One program per segment, chunks of BLOCK: max, sum of exp, then normalise in place + ESS."""
+    seg = tl.program_id(0).to(tl.int64)
+    lo = tl.load(seg_ptr + seg)
+    hi = tl.load(seg_ptr + seg + 1)
+    offs = tl.arange(0, BLOCK)
+    mx = tl.full([BLOCK], float("-inf"), tl.float32)
+    for start in range(lo, hi, BLOCK):
+        idx = start + offs
+        mx = tl.maximum(mx, tl.load(logw_ptr + idx, mask=idx < hi, other=float("-inf")))
+    seg_max = tl.max(mx, 0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(lo, hi, BLOCK):
+        idx = start + offs
+        x = tl.load(logw_ptr + idx, mask=idx < hi, other=float("-inf"))
+        acc += tl.where(idx < hi, tl.exp(x - seg_max), 0.0)
+    log_sum = tl.log(tl.sum(acc, 0))
+    sq = tl.zeros([BLOCK], tl.float32)
+    for start in range(lo, hi, BLOCK):
+        idx = start + offs
+        ok = idx < hi
+        y = tl.load(logw_ptr + idx, mask=ok, other=0.0) - seg_max - log_sum
+        tl.store(logw_ptr + idx, y, mask=ok)
+        w = tl.exp(y)
+        sq += tl.where(ok, w * w, 0.0)
+    tl.store(ess_ptr + seg, 1.0 / tl.sum(sq, 0))

@@ -47,9 +47,7 @@ def _score_group(group: list[RequestState], prm: PRM, aggregation: str, decode: 
     for r in group:
         for i, p in enumerate(r.particles):
             if p.step_done and not p.frozen:
-                ended.append(EndedStep(r.rows[i], r.hidden[i], p.tokens[p.prm_synced:], r.prompt_text,
-                                       [decode(s) for s in p.steps()]))
-                p.prm_synced = len(p.tokens)
+                ended.append(EndedStep(r.rows[i], r.hidden[i], r.prompt_text, [decode(s) for s in p.steps()], p.node))
                 p.frozen = p.finished
     sizes = torch.tensor([r.n for r in group])
     seg_starts = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])

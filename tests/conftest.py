@@ -1,0 +1,49 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from pfengine.random_model import save_random_model, save_random_prm, save_value_head  # noqa: E402
+
+torch.set_num_threads(2)
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+CHECKPOINTS = {
+    "qwen2-gqa": dict(arch="qwen2"),
+    "qwen2-tied": dict(arch="qwen2", tie=True, num_kv_heads=4),
+    "llama3-gqa": dict(arch="llama", rope_scaling=LLAMA3_ROPE, num_heads=8, num_kv_heads=2),
+    "llama-tied": dict(arch="llama", tie=True, num_kv_heads=1),
+    "mistral-gqa": dict(arch="mistral", sliding_window=None),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    """``checkpoint_dir(name)``: a tiny random checkpoint saved once per session."""
+    made: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in made:
+            made[name] = str(save_random_model(tmp_path_factory.mktemp(name), **CHECKPOINTS[name]))
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def policy_dir(checkpoint_dir) -> str:
+    return checkpoint_dir("qwen2-gqa")
+
+
+@pytest.fixture(scope="session")
+def prm_dir(tmp_path_factory) -> str:
+    return str(save_random_prm(tmp_path_factory.mktemp("prm")))
+
+
+@pytest.fixture(scope="session")
+def value_head_file(tmp_path_factory) -> str:
+    return str(save_value_head(tmp_path_factory.mktemp("vh") / "value_head.safetensors", 64))

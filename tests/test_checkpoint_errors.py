@@ -1,0 +1,77 @@
+"""Malformed or unsupported checkpoints fail with a message that names the problem."""
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from pfengine import Engine, EngineConfig
+from pfengine.model.checkpoint import CheckpointError, read_config
+
+
+def broken_copy(src: str, tmp_path, edit_config=None, edit_tensors=None) -> str:
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    if edit_config:
+        cfg = json.loads((dst / "config.json").read_text())
+        edit_config(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    if edit_tensors:
+        t = load_file(str(dst / "model.safetensors"))
+        edit_tensors(t)
+        save_file(t, str(dst / "model.safetensors"))
+    return str(dst)
+
+
+def _set(d, k, v):
+    d[k] = v
+
+
+CASES = [
+    ("unsupported architecture", lambda c: _set(c, "architectures", ["GPT2LMHeadModel"]), None, "unsupported"),
+    ("missing key", lambda c: c.pop("hidden_size"), None, "missing required key 'hidden_size'"),
+    ("bad activation", lambda c: _set(c, "hidden_act", "gelu"), None, "hidden_act 'gelu' unsupported"),
+    ("bad rope", lambda c: _set(c, "rope_parameters", {"rope_type": "yarn", "factor": 2.0}), None, "rope type 'yarn'"),
+    ("missing tensor", None, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), "missing 1 tensor"),
+    ("shape mismatch", lambda c: _set(c, "intermediate_size", 96), None, "config implies"),
+]
+
+
+@pytest.mark.parametrize("name,edit_config,edit_tensors,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_checkpoint(policy_dir, tmp_path, name, edit_config, edit_tensors, message):
+    path = broken_copy(policy_dir, tmp_path, edit_config, edit_tensors)
+    with pytest.raises(CheckpointError, match=message):
+        Engine(EngineConfig(model=path, num_blocks=16), prm_fn=lambda p, s: 0.5)
+
+
+def test_missing_directory_and_config(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_config(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="config.json"):
+        read_config(tmp_path)
+
+
+def test_sharded_checkpoint_loads(policy_dir, tmp_path):
+    """Shards + index, as large Hugging Face checkpoints are saved."""
+    path = tmp_path / "sharded"
+    shutil.copytree(policy_dir, path)
+    tensors = load_file(str(path / "model.safetensors"))
+    (path / "model.safetensors").unlink()
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in halves.items():
+        save_file({k: tensors[k] for k in keys}, str(path / file))
+    index = {"weight_map": {k: f for f, keys in halves.items() for k in keys}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    engine = Engine(EngineConfig(model=str(path), num_blocks=16), prm_fn=lambda p, s: 0.5)
+    assert engine.policy.decoder.cfg.num_layers == 2
+
+
+def test_prm_needs_prm_architecture(policy_dir):
+    with pytest.raises(CheckpointError, match="Qwen2ForProcessRewardModel"):
+        Engine(EngineConfig(model=policy_dir, prm=policy_dir, num_blocks=16))
+
+
+def test_pf_needs_a_prm(policy_dir):
+    with pytest.raises(ValueError, match="needs a PRM"):
+        Engine(EngineConfig(model=policy_dir, num_blocks=16))

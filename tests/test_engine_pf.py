@@ -1,0 +1,111 @@
+"""Step-wise particle filtering end to end on a tiny model with callable PRMs."""
+import pytest
+import torch
+
+from pfengine import Engine, EngineConfig, PFParams, Request, SamplingParams
+
+
+def request(seed: int = 0, n: int = 8, **sampling) -> Request:
+    sp = dict(seed=seed, max_step_tokens=6, max_steps=5) | sampling
+    return Request(prompt="Step 1: add 17 and 25.", sampling=SamplingParams(**sp), pf=PFParams(n_particles=n))
+
+
+def distinct_prefixes(prompt_len: int, sequences: list[list[int]]) -> int:
+    """Tokens in the union of all particles' distinct prefixes: each trie node is forwarded once."""
+    return prompt_len + len({tuple(s[:k]) for s in sequences for k in range(1, len(s) + 1)})
+
+
+def test_recompute_ratio_is_exactly_one(policy_dir, prm_dir):
+    engine = Engine(EngineConfig(model=policy_dir, prm=prm_dir, num_blocks=512, block_size=8))
+    results = engine.generate([request(seed=s, n=16) for s in (1, 2)])
+    stats = engine.stats()
+    union = sum(distinct_prefixes(r.stats.prompt_tokens, [t for tr in r.trace for t in tr.tokens]) for r in results)
+    assert all(r.stats.resamples >= 3 for r in results)
+    assert stats["policy_tokens_forwarded"] == union
+    assert stats["prm_tokens_forwarded"] == union
+    scored = {tuple(t) for r in results for tr in r.trace for t, s in zip(tr.tokens, tr.scored) if s}
+    assert stats["prm_tags_forwarded"] == len(scored)
+    assert stats["policy_blocks_in_use"] == stats["prm_blocks_in_use"] == 0
+
+
+def test_preferred_particle_takes_over(policy_dir):
+    """A PRM that scores the first particle it sees each round near 1 and the rest near 0."""
+    seen: list[str] = []
+
+    def prm(prompt: str, steps: list[str]) -> float:
+        seen.append(steps[-1])
+        return 1.0 if len(seen) % 8 == 1 else 0.0
+
+    engine = Engine(EngineConfig(model=policy_dir, num_blocks=256, block_size=8), prm_fn=prm)
+    result = engine.generate([request(n=8, max_steps=3)])[0]
+    first = result.trace[0]
+    assert first.ancestors == [0] * 8
+    winner = first.tokens[0]
+    for p in result.particles:
+        assert p.token_ids[:len(winner)] == winner
+    assert result.stats.resamples == 2  # the last round has nothing left to extend
+
+
+def test_finished_particles_stay_frozen(policy_dir):
+    engine = Engine(EngineConfig(model=policy_dir, num_blocks=256, block_size=8),
+                    prm_fn=lambda prompt, steps: min(0.9, 0.1 + 0.1 * len(steps[-1])))
+    engine.eos_ids = frozenset(range(0, 384, 4))  # a quarter of the vocabulary ends a particle
+    result = engine.generate([request(n=8, max_steps=6, seed=5)])[0]
+    finished_at: dict[tuple[int, ...], int] = {}
+    for k, tr in enumerate(result.trace):
+        for i, toks in enumerate(tr.tokens):
+            t = tuple(toks)
+            if t in finished_at:  # a copy of a finished particle: unchanged, not re-scored
+                assert not tr.scored[i]
+            elif toks and toks[-1] in engine.eos_ids:
+                finished_at[t] = k
+    assert finished_at, "no particle finished early; the test needs EOS to happen"
+    assert any(k < len(result.trace) - 1 for k in finished_at.values())
+    for p in result.particles:
+        assert p.finished
+        assert p.token_ids[-1] in engine.eos_ids or len(p.steps) == 6
+
+
+def test_seeded_runs_repeat_exactly_alone_or_batched(policy_dir):
+    engine = Engine(EngineConfig(model=policy_dir, num_blocks=512, block_size=8),
+                    prm_fn=lambda prompt, steps: (len(steps[-1]) % 7 + 1) / 8)
+    alone = engine.generate([request(seed=11)])[0]
+    again = engine.generate([request(seed=11)])[0]
+    mixed = engine.generate([request(seed=3, n=5), request(seed=11), request(seed=4, n=3)])[1]
+    for other in (again, mixed):
+        assert [p.token_ids for p in other.particles] == [p.token_ids for p in alone.particles]
+        assert [p.weight for p in other.particles] == [p.weight for p in alone.particles]
+        assert [tr.ancestors for tr in other.trace] == [tr.ancestors for tr in alone.trace]
+    assert engine.stats()["policy_blocks_in_use"] == 0
+
+
+def test_many_requests_share_the_cache_and_finish_clean(policy_dir, value_head_file):
+    engine = Engine(EngineConfig(model=policy_dir, prm=value_head_file, num_blocks=256, block_size=8, max_particles=40))
+    reqs = [request(seed=s, n=n) for s, n in enumerate([1, 4, 16, 8, 12, 3])]  # more than fits at once
+    results = engine.generate(reqs)
+    assert len(results) == 6
+    for r, req in zip(results, reqs):
+        assert len(r.particles) == req.pf.n_particles
+        assert sum(p.weight for p in r.particles) == pytest.approx(1.0, abs=1e-5)
+        assert r.answer == r.particles[r.best].text
+        assert r.best == max(range(len(r.particles)), key=lambda i: r.particles[i].weight)
+    assert engine.stats()["policy_blocks_in_use"] == 0
+    engine.policy.blocks.check_invariants()
+
+
+def test_step_ends_on_a_token_that_merges_the_delimiter(policy_dir):
+    engine = Engine(EngineConfig(model=policy_dir, num_blocks=64, block_size=8), prm_fn=lambda p, s: 0.5)
+    from pfengine.state import Particle, RequestState
+    r = RequestState(0, request(), [1], "x", [0], torch.Generator())
+    engine._token_text |= {1000: "so", 1001: " 5.\n", 1002: "\nThe", 1003: "x\n\ny"}
+    for tokens, ends in [([1000, 1001, 1002], 3), ([1003], 1), ([1000, 1001], None)]:
+        p = Particle()
+        for k, t in enumerate(tokens, 1):
+            engine._append(r, p, t)
+            assert p.step_done == (k == ends)
+
+
+def test_greedy_particles_are_identical(policy_dir):
+    engine = Engine(EngineConfig(model=policy_dir, num_blocks=256, block_size=8), prm_fn=lambda p, s: 0.5)
+    result = engine.generate([request(n=4, temperature=0.0)])[0]
+    assert len({tuple(p.token_ids) for p in result.particles}) == 1
