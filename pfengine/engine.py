@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from pfengine.cache.block_manager import BlockManager
+from pfengine.cache.block_manager import BlockManager, OutOfBlocks
 from pfengine.config import KV_DTYPES, EngineConfig, Request
 from pfengine.model.checkpoint import CheckpointError, read_config
 from pfengine.model.decoder import load_decoder
@@ -42,6 +42,9 @@ class Engine:
         self._free_rows = list(range(config.max_particles - 1, -1, -1))
         self._ids = count()
         self._nodes = count(1)
+        self._admission_paused = False
+        self.preemptions = 0
+        self.recomputed_tokens = 0
 
     def _runner(self, path: str) -> ModelRunner:
         c = self.config
@@ -75,7 +78,8 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         s = {"policy_tokens_forwarded": self.policy.tokens_forwarded,
-             "policy_blocks_in_use": self.policy.blocks.blocks_in_use, "cow_copies": self.policy.cow_copies}
+             "policy_blocks_in_use": self.policy.blocks.blocks_in_use, "cow_copies": self.policy.cow_copies,
+             "preemptions": self.preemptions, "recomputed_tokens": self.recomputed_tokens}
         if self.prm_runner is not None:
             s |= {"prm_tokens_forwarded": self.prm_runner.tokens_forwarded, "prm_tags_forwarded": self.prm.tags_forwarded,
                   "prm_blocks_in_use": self.prm_runner.blocks.blocks_in_use}
@@ -87,7 +91,9 @@ class Engine:
         waiting, running = list(states), []
         results: dict[int, PFResult] = {}
         while waiting or running:
-            running += self._admit(waiting)
+            if not self._admission_paused:
+                running += self._admit(waiting)
+            self._make_room(running, waiting)
             self._decode(running)
             at_barrier = [r for r in running if all(p.step_done or p.finished for p in r.particles)]
             if at_barrier:
@@ -95,7 +101,46 @@ class Engine:
             for r in [r for r in at_barrier if all(p.frozen for p in r.particles)]:
                 running.remove(r)
                 results[r.id] = self._finish(r)
+                self._admission_paused = False
         return [results[s.id] for s in states]
+
+    def _make_room(self, running: list[RequestState], waiting: list[RequestState]) -> None:
+        """Preempt the latest-admitted requests until this iteration's worst case fits in every cache:
+        one token per particle mid-step, and in the PRM also a step tag per particle not yet scored."""
+        while running:
+            policy_rows, prm_rows, prm_new = [], [], []
+            for r in running:
+                for i, p in enumerate(r.particles):
+                    if not (p.step_done or p.finished):
+                        policy_rows.append(r.rows[i])
+                    if not p.frozen:
+                        prm_rows.append(r.rows[i])
+                        prm_new.append(1 if p.step_done or p.finished else 2)
+            needs = [(self.policy, self.policy.blocks.blocks_needed(torch.tensor(policy_rows, dtype=torch.int64), 1))]
+            if self.prm_runner is not None:
+                needs.append((self.prm_runner, self.prm_runner.blocks.blocks_needed(
+                    torch.tensor(prm_rows, dtype=torch.int64), torch.tensor(prm_new, dtype=torch.int64))))
+            if all(need <= runner.blocks.num_free for runner, need in needs):
+                return
+            victim = running.pop()
+            if not running:
+                raise OutOfBlocks(max(need for _, need in needs), min(r.blocks.num_free for r, _ in needs),
+                                  f"request {victim.id} alone outgrows the KV cache ({self.config.num_blocks} "
+                                  f"blocks of {self.config.block_size} tokens): raise EngineConfig.num_blocks "
+                                  f"or lower n_particles / max_tokens")
+            self._preempt(victim)
+            waiting.insert(0, victim)
+
+    def _preempt(self, r: RequestState) -> None:
+        """Free a request's blocks and restart it later from its seed; its tokens are recomputed
+        (the only recompute the engine does, counted in ``recomputed_tokens``)."""
+        for runner in self.runners:
+            runner.blocks.free(torch.tensor(r.rows, dtype=torch.int64))
+        self._free_rows += r.rows
+        self.preemptions += 1
+        self.recomputed_tokens += r.stats.prompt_tokens + r.stats.generated_tokens
+        r.restart()
+        self._admission_paused = True
 
     def _prepare(self, request: Request) -> RequestState:
         prompt = request.prompt
@@ -121,10 +166,8 @@ class Engine:
         if need > self.config.num_blocks:
             raise ValueError(f"request needs about {need} KV blocks for its prompt and one step of {n} particles; "
                              f"the cache has {self.config.num_blocks} (raise EngineConfig.num_blocks)")
-        gen = torch.Generator().manual_seed(request.sampling.seed if request.sampling.seed is not None
-                                            else torch.seed())
-        return RequestState(id=next(self._ids), request=request, prompt_ids=ids, prompt_text=text, rows=[],
-                            generator=gen)
+        seed = request.sampling.seed if request.sampling.seed is not None else torch.seed()
+        return RequestState(id=next(self._ids), request=request, prompt_ids=ids, prompt_text=text, seed=seed)
 
     def _blocks_to_admit(self, prompt_len: int, n: int, step_tokens: int) -> int:
         B = self.config.block_size

@@ -84,8 +84,9 @@ class RequestState:
     request: Request
     prompt_ids: list[int]
     prompt_text: str
-    rows: list[int]
-    generator: torch.Generator
+    seed: int
+    rows: list[int] = field(default_factory=list)
+    generator: torch.Generator = field(init=False)
     particles: list[Particle] = field(default_factory=list)
     logits: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
@@ -94,6 +95,16 @@ class RequestState:
     trace: list[StepTrace] = field(default_factory=list)
     stats: RequestStats = field(default_factory=RequestStats)
     started: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def restart(self) -> None:
+        """Back to the state before admission (after a preemption): same seed, same future."""
+        self.rows, self.particles, self.trace = [], [], []
+        self.logits = self.hidden = self.running = self.log_w = None
+        self.stats = RequestStats()
+        self.generator = torch.Generator().manual_seed(self.seed)
 
     @property
     def n(self) -> int:

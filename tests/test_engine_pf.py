@@ -96,7 +96,7 @@ def test_many_requests_share_the_cache_and_finish_clean(policy_dir, value_head_f
 def test_step_ends_on_a_token_that_merges_the_delimiter(policy_dir):
     engine = Engine(EngineConfig(model=policy_dir, num_blocks=64, block_size=8), prm_fn=lambda p, s: 0.5)
     from pfengine.state import Particle, RequestState
-    r = RequestState(0, request(), [1], "x", [0], torch.Generator())
+    r = RequestState(0, request(), [1], "x", seed=0, rows=[0])
     engine._token_text |= {1000: "so", 1001: " 5.\n", 1002: "\nThe", 1003: "x\n\ny"}
     for tokens, ends in [([1000, 1001, 1002], 3), ([1003], 1), ([1000, 1001], None)]:
         p = Particle()
@@ -109,3 +109,34 @@ def test_greedy_particles_are_identical(policy_dir):
     engine = Engine(EngineConfig(model=policy_dir, num_blocks=256, block_size=8), prm_fn=lambda p, s: 0.5)
     result = engine.generate([request(n=4, temperature=0.0)])[0]
     assert len({tuple(p.token_ids) for p in result.particles}) == 1
+
+
+def test_kv_exhaustion_preempts_and_results_match_a_large_cache(policy_dir, prm_dir):
+    reqs = [request(seed=s, n=8, max_steps=4) for s in range(6)]
+    big = Engine(EngineConfig(model=policy_dir, prm=prm_dir, num_blocks=1024, block_size=8))
+    expected = big.generate(reqs)
+    peak = big.policy.blocks  # the large run never needs to preempt
+    assert big.preemptions == 0 and peak.blocks_in_use == 0
+    small = Engine(EngineConfig(model=policy_dir, prm=prm_dir, num_blocks=48, block_size=8))
+    got = small.generate(reqs)
+    stats = small.stats()
+    assert stats["preemptions"] > 0 and stats["recomputed_tokens"] > 0
+    for a, b in zip(expected, got):
+        assert [p.token_ids for p in a.particles] == [p.token_ids for p in b.particles]
+        assert [p.weight for p in a.particles] == pytest.approx([p.weight for p in b.particles], abs=1e-6)
+    assert stats["policy_blocks_in_use"] == stats["prm_blocks_in_use"] == 0
+    small.policy.blocks.check_invariants()
+    small.prm_runner.blocks.check_invariants()
+
+
+def test_a_request_that_can_never_fit_is_refused(policy_dir):
+    engine = Engine(EngineConfig(model=policy_dir, num_blocks=8, block_size=8), prm_fn=lambda p, s: 0.5)
+    with pytest.raises(ValueError, match=r"needs about \d+ KV blocks .* the cache has 8"):
+        engine.generate([request(n=16)])
+
+
+def test_a_lone_request_outgrowing_the_cache_fails_clearly(policy_dir):
+    engine = Engine(EngineConfig(model=policy_dir, num_blocks=14, block_size=8), prm_fn=lambda p, s: 0.5)
+    from pfengine.cache import OutOfBlocks
+    with pytest.raises(OutOfBlocks, match="alone outgrows the KV cache"):
+        engine.generate([request(n=4, max_steps=40, max_step_tokens=8)])

@@ -13,8 +13,8 @@ import torch
 class OutOfBlocks(RuntimeError):
     """Raised before any state changes when a reservation needs more blocks than are free."""
 
-    def __init__(self, needed: int, free: int) -> None:
-        super().__init__(f"KV cache exhausted: need {needed} free blocks, {free} available")
+    def __init__(self, needed: int, free: int, message: str = "") -> None:
+        super().__init__(f"KV cache exhausted: need {needed} free blocks, {free} available" + (f"; {message}" if message else ""))
         self.needed, self.free = needed, free
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pfengine.batch_invariant import linear
+
 from pfengine.kernels.kv_store import store_kv
 from pfengine.kernels.paged_attention import paged_decode_attention
 from pfengine.kernels.prm_score import PRMHead
@@ -79,17 +81,17 @@ class PagedDecoder:
         for i, layer in enumerate(self.layers):
             x = x + self._attention(i, layer, _rms_norm(x, layer.attn_norm, self.cfg.rms_norm_eps), cos_sin, batch)
             h = _rms_norm(x, layer.mlp_norm, self.cfg.rms_norm_eps)
-            gate, up = F.linear(h, layer.gate_up_w).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down_w)
+            gate, up = linear(h, layer.gate_up_w).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, layer.down_w)
         return _rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         assert self.lm_head is not None, "a PRM checkpoint has no language-model head"
-        return F.linear(hidden, self.lm_head)
+        return linear(hidden, self.lm_head)
 
     def _attention(self, i: int, layer: Layer, x: torch.Tensor, cos_sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         c = self.cfg
-        qkv = F.linear(x, layer.qkv_w, layer.qkv_b)
+        qkv = linear(x, layer.qkv_w, layer.qkv_b)
         q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1)
         q = apply_rope(q.view(-1, c.num_heads, c.head_dim), cos_sin)
         k = apply_rope(k.view(-1, c.num_kv_heads, c.head_dim), cos_sin)
@@ -101,7 +103,7 @@ class PagedDecoder:
             out = paged_decode_attention(q, k_cache, v_cache, self.tables[batch.rows], batch.context_lens, scale)
         else:
             out = self._extend_attention(q, k, v, k_cache, v_cache, batch, scale)
-        return F.linear(out.reshape(q.shape[0], -1), layer.o_w)
+        return linear(out.reshape(q.shape[0], -1), layer.o_w)
 
     def _extend_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                           v_cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
