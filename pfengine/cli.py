@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pfengine.config import EngineConfig, PFParams, Request, SamplingParams
+from pfengine.config import EngineConfig, SearchParams, Request, SamplingParams
 from pfengine.engine import Engine
 from pfengine.state import PFResult
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     request = Request(prompt=prompt,
                       sampling=SamplingParams(temperature=args.temperature, seed=args.seed, max_steps=args.max_steps,
                                               max_step_tokens=args.max_step_tokens),
-                      pf=PFParams(n_particles=args.particles, aggregation=args.aggregation,
+                      search=SearchParams(n_particles=args.particles, aggregation=args.aggregation,
                                   resampling=args.resampling))
     start = time.perf_counter()
     result = engine.generate([request])[0]

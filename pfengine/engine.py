@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from itertools import count
 from pathlib import Path
 
@@ -22,21 +23,22 @@ from pfengine.model.decoder import load_decoder
 from pfengine.prm import CallablePRM, ModelPRM, PRMFn, ValueHeadPRM, load_value_head
 from pfengine.runner import ModelRunner
 from pfengine.sampling import sample
-from pfengine.search.particle_filter import PRM, finish_round, start_particles
-from pfengine.state import ParticleResult, PFResult, RequestState
+from pfengine.search import results
+from pfengine.search.round import PRM, finish_round, fork, start
+from pfengine.state import PFResult, RequestState
 
 log = logging.getLogger("pfengine")
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, prm_fn: PRMFn | None = None, step_tag: str = "<extra_0>") -> None:
+    def __init__(self, config: EngineConfig, prm_fn: PRMFn | None = None) -> None:
         self.config = config
         self.tokenizer = _load_tokenizer(config.model)
         model_cfg = read_config(config.model)
         self.max_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
         self.policy = self._runner(config.model)
         self.prm_runner: ModelRunner | None = None
-        self.prm = self._load_prm(prm_fn, step_tag, model_cfg.hidden_size)
+        self.prm = self._load_prm(prm_fn, model_cfg.hidden_size)
         self.eos_ids = _eos_ids(config.model, model_cfg.eos_token_ids, self.tokenizer)
         self._token_text: dict[int, str] = {}
         self._free_rows = list(range(config.max_particles - 1, -1, -1))
@@ -52,25 +54,30 @@ class Engine:
         max_blocks = (self.max_len + c.block_size - 1) // c.block_size
         return ModelRunner(decoder, BlockManager(c.num_blocks, c.block_size, c.max_particles, max_blocks, c.device))
 
-    def _load_prm(self, prm_fn: PRMFn | None, step_tag: str, hidden_size: int) -> PRM:
-        path = self.config.prm
+    def _load_prm(self, prm_fn: PRMFn | None, hidden_size: int) -> PRM | None:
+        path, pc = self.config.prm, self.config.prm_config
         if prm_fn is not None:
             if path is not None:
                 raise ValueError("give either EngineConfig.prm or prm_fn, not both")
             return CallablePRM(prm_fn)
         if path is None:
-            raise ValueError("particle filtering needs a PRM: set EngineConfig.prm (a PRM directory or a "
-                             "value-head .safetensors file) or pass prm_fn")
+            return None
         if Path(path).is_file():
             return ValueHeadPRM(load_value_head(path, hidden_size))
-        if not read_config(path).is_prm:
-            raise CheckpointError(f"{path}: a PRM directory needs architectures ['Qwen2ForProcessRewardModel']")
+        shepherd = pc.good_token is not None
+        if read_config(path).is_prm == shepherd:
+            raise CheckpointError(f"{path}: a PRM directory needs architectures ['Qwen2ForProcessRewardModel'], or a "
+                                  f"causal LM with PRMConfig.good_token/bad_token set (Math-Shepherd style)")
         _check_same_tokenizer(self.tokenizer, _load_tokenizer(path), path)
-        tag_id = self.tokenizer.convert_tokens_to_ids(step_tag)
-        if tag_id is None or tag_id == self.tokenizer.unk_token_id:
-            raise CheckpointError(f"{path}: step tag {step_tag!r} is not a token of the tokenizer")
+        ids = [self._token_id(t, path) for t in (pc.step_tag, pc.good_token, pc.bad_token) if t is not None]
         self.prm_runner = self._runner(path)
-        return ModelPRM(self.prm_runner, tag_id)
+        return ModelPRM(self.prm_runner, ids[0], (ids[1], ids[2]) if shepherd else None)
+
+    def _token_id(self, token: str, path: str) -> int:
+        ids = self.tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) != 1:
+            raise CheckpointError(f"{path}: PRM token {token!r} is not a single token of the tokenizer (ids {ids})")
+        return ids[0]
 
     @property
     def runners(self) -> list[ModelRunner]:
@@ -98,7 +105,7 @@ class Engine:
             at_barrier = [r for r in running if all(p.step_done or p.finished for p in r.particles)]
             if at_barrier:
                 finish_round(at_barrier, self.prm, self.runners, self._decode_text)
-            for r in [r for r in at_barrier if all(p.frozen for p in r.particles)]:
+            for r in [r for r in at_barrier if r.done]:
                 running.remove(r)
                 results[r.id] = self._finish(r)
                 self._admission_paused = False
@@ -113,7 +120,7 @@ class Engine:
                 for i, p in enumerate(r.particles):
                     if not (p.step_done or p.finished):
                         policy_rows.append(r.rows[i])
-                    if not p.frozen:
+                    if not (p.frozen or p.held):
                         prm_rows.append(r.rows[i])
                         prm_new.append(1 if p.step_done or p.finished else 2)
             needs = [(self.policy, self.policy.blocks.blocks_needed(torch.tensor(policy_rows, dtype=torch.int64), 1))]
@@ -135,8 +142,8 @@ class Engine:
         """Free a request's blocks and restart it later from its seed; its tokens are recomputed
         (the only recompute the engine does, counted in ``recomputed_tokens``)."""
         for runner in self.runners:
-            runner.blocks.free(torch.tensor(r.rows, dtype=torch.int64))
-        self._free_rows += r.rows
+            runner.blocks.free(torch.tensor(r.all_rows, dtype=torch.int64))
+        self._free_rows += r.all_rows
         self.preemptions += 1
         self.recomputed_tokens += r.stats.prompt_tokens + r.stats.generated_tokens
         r.restart()
@@ -155,9 +162,16 @@ class Engine:
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
             raise TypeError(f"prompt: expected a string or a list of chat messages, got {type(prompt).__name__}")
-        n = request.pf.n_particles
-        if n > self.config.max_particles:
-            raise ValueError(f"n_particles={n} exceeds EngineConfig.max_particles={self.config.max_particles}")
+        search = request.search
+        if search.uses_prm and self.prm is None:
+            raise ValueError(f"search method {search.method!r} needs a PRM: set EngineConfig.prm (a PRM directory or "
+                             f"a value-head .safetensors file) or pass prm_fn to Engine")
+        if search.method == "greedy" and request.sampling.temperature != 0:
+            request = replace(request, sampling=replace(request.sampling, temperature=0.0))
+        n = search.particles_per_sweep
+        if n + 2 > self.config.max_particles:
+            raise ValueError(f"n_particles={search.n_particles} needs {n + 2} cache rows; "
+                             f"EngineConfig.max_particles is {self.config.max_particles}")
         room = self.max_len - len(ids) - request.sampling.max_steps  # PRM step tags need room too
         if room <= 0:
             raise ValueError(f"prompt: {len(ids)} tokens (+{request.sampling.max_steps} step tags) does not fit "
@@ -179,15 +193,20 @@ class Engine:
         free_blocks = min(r.blocks.num_free for r in self.runners)
         while waiting:
             r = waiting[0]
-            need = self._blocks_to_admit(len(r.prompt_ids), r.request.pf.n_particles, r.request.sampling.max_step_tokens)
-            if r.request.pf.n_particles > len(self._free_rows) or need > free_blocks:
+            n = r.search.particles_per_sweep
+            n_rows = n + 1 + (r.search.method == "particle_gibbs")
+            need = self._blocks_to_admit(len(r.prompt_ids), n, r.request.sampling.max_step_tokens)
+            if n_rows > len(self._free_rows) or need > free_blocks:
                 break
             free_blocks -= need
-            r.rows = [self._free_rows.pop() for _ in range(r.request.pf.n_particles)]
+            r.rows = [self._free_rows.pop() for _ in range(n)]
+            r.root_row = self._free_rows.pop()
+            if r.search.method == "particle_gibbs":
+                r.ref_row = self._free_rows.pop()
             admitted.append(waiting.pop(0))
         if not admitted:
             return admitted
-        roots = [r.rows[0] for r in admitted]
+        roots = [r.root_row for r in admitted]
         hidden = self.policy.extend(roots, [r.prompt_ids for r in admitted])
         logits = self.policy.decoder.logits(hidden)
         if self.prm_runner is not None:
@@ -195,9 +214,8 @@ class Engine:
         for k, r in enumerate(admitted):
             r.started = time.perf_counter()
             r.stats.prompt_tokens = len(r.prompt_ids)
-            for runner in self.runners:
-                runner.blocks.assign(torch.tensor(r.rows[1:], dtype=torch.int64), torch.full((r.n - 1,), r.rows[0]))
-            start_particles(r, logits[k:k + 1], hidden[k:k + 1])
+            fork(self.runners, r.rows, [r.root_row] * r.n)
+            start(r, logits[k:k + 1], hidden[k:k + 1])
         return admitted
 
     def _decode(self, running: list[RequestState]) -> None:
@@ -266,17 +284,10 @@ class Engine:
 
     def _finish(self, r: RequestState) -> PFResult:
         for runner in self.runners:
-            runner.blocks.free(torch.tensor(r.rows))
-        self._free_rows += r.rows
+            runner.blocks.free(torch.tensor(r.all_rows, dtype=torch.int64))
+        self._free_rows += r.all_rows
         r.stats.seconds = time.perf_counter() - r.started
-        weights = r.log_w.exp()
-        best = int(torch.argmax(weights))
-        scores = r.trace[-1].scores
-        particles = [ParticleResult(text=self._decode_text(p.tokens), token_ids=list(p.tokens),
-                                    steps=[self._decode_text(s) for s in p.steps()],
-                                    step_starts=list(p.step_starts), weight=float(weights[i]),
-                                    score=scores[i], finished=p.finished) for i, p in enumerate(r.particles)]
-        return PFResult(answer=particles[best].text, best=best, particles=particles, trace=r.trace, stats=r.stats)
+        return results.build(r, self._decode_text)
 
 
 def _load_tokenizer(path: str):

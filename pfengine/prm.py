@@ -36,25 +36,26 @@ class ValueHeadPRM:
     def __init__(self, head: PRMHead) -> None:
         self.head = head
 
-    def score(self, ended: list[EndedStep]) -> tuple[torch.Tensor, PRMHead]:
-        return torch.stack([e.hidden for e in ended]), self.head
+    def score(self, ended: list[EndedStep]) -> torch.Tensor:
+        """The policy's hidden states at the step ends (the head runs in the fused scoring kernel)."""
+        return torch.stack([e.hidden for e in ended])
 
 
 class ModelPRM:
-    """A Qwen2.5-Math-PRM-layout model. Its cache has the policy's rows and forks with them, and the
-    engine forwards every policy token through it as it is sampled, so each token is read once.
-    At a step end a step tag is appended and the head reads it. With ``keep_tags=False`` (``model``
-    aggregation) the tag is scored and then dropped from the cache."""
+    """A PRM model with its own paged cache. The cache has the policy's rows and forks with them,
+    and the engine forwards every policy token through it as it is sampled, so each token is read
+    once. At a step end a step tag is appended and read: by the 2-layer head (Qwen2.5-Math-PRM
+    layout) or, Math-Shepherd style, as P(good) vs P(bad) from the LM head. With
+    ``keep_tags=False`` (``model`` aggregation) the tag is scored and then dropped from the cache."""
 
-    def __init__(self, runner: ModelRunner, step_tag_id: int) -> None:
-        assert runner.decoder.prm_head is not None
-        self.runner, self.step_tag_id = runner, step_tag_id
+    def __init__(self, runner: ModelRunner, step_tag_id: int, good_bad: tuple[int, int] | None = None) -> None:
+        assert (runner.decoder.prm_head is None) == (good_bad is not None)
+        self.runner, self.step_tag_id, self.good_bad = runner, step_tag_id, good_bad
+        self.head = runner.decoder.prm_head
         self.tags_forwarded = 0
 
-    def prefill(self, row: int, prompt_ids: list[int]) -> None:
-        self.runner.extend([row], [prompt_ids])
-
-    def score(self, ended: list[EndedStep], keep_tags: bool) -> tuple[torch.Tensor, PRMHead]:
+    def score(self, ended: list[EndedStep], keep_tags: bool) -> torch.Tensor:
+        """Hidden states at the tags (Qwen layout) or step logits log P(good) - log P(bad) (Shepherd)."""
         rep_of: dict[int, int] = {}
         for k, e in enumerate(ended):
             rep_of.setdefault(e.node, k)
@@ -70,7 +71,12 @@ class ModelPRM:
             self.runner.blocks.assign(torch.tensor([ended[k].row for k in dups]),
                                       torch.tensor([ended[rep_of[ended[k].node]].row for k in dups]))
         position = {k: n for n, k in enumerate(reps)}
-        return hidden[[position[rep_of[e.node]] for e in ended]], self.runner.decoder.prm_head
+        hidden = hidden[[position[rep_of[e.node]] for e in ended]]
+        if self.good_bad is None:
+            return hidden
+        good, bad = self.good_bad
+        lm_head = self.runner.decoder.lm_head
+        return (hidden @ (lm_head[good] - lm_head[bad])).clamp(-LOGIT_CLIP, LOGIT_CLIP)
 
 
 class CallablePRM:

@@ -5,7 +5,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from pfengine import Engine, EngineConfig
+from pfengine import Engine, EngineConfig, Request
 from pfengine.model.checkpoint import CheckpointError, read_config
 
 
@@ -73,5 +73,6 @@ def test_prm_needs_prm_architecture(policy_dir):
 
 
 def test_pf_needs_a_prm(policy_dir):
-    with pytest.raises(ValueError, match="needs a PRM"):
-        Engine(EngineConfig(model=policy_dir, num_blocks=16))
+    engine = Engine(EngineConfig(model=policy_dir, num_blocks=16))  # fine for PRM-free methods
+    with pytest.raises(ValueError, match="'particle_filter' needs a PRM"):
+        engine.generate([Request(prompt="hi")])

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from pfengine import Engine, EngineConfig, PFParams, Request, SamplingParams
+from pfengine import Engine, EngineConfig, SearchParams, Request, SamplingParams
 
 
 def request(seed: int = 0, n: int = 8, **sampling) -> Request:
     sp = dict(seed=seed, max_step_tokens=6, max_steps=5) | sampling
-    return Request(prompt="Step 1: add 17 and 25.", sampling=SamplingParams(**sp), pf=PFParams(n_particles=n))
+    return Request(prompt="Step 1: add 17 and 25.", sampling=SamplingParams(**sp), search=SearchParams(n_particles=n))
 
 
 def distinct_prefixes(prompt_len: int, sequences: list[list[int]]) -> int:
@@ -85,7 +85,7 @@ def test_many_requests_share_the_cache_and_finish_clean(policy_dir, value_head_f
     results = engine.generate(reqs)
     assert len(results) == 6
     for r, req in zip(results, reqs):
-        assert len(r.particles) == req.pf.n_particles
+        assert len(r.particles) == req.search.n_particles
         assert sum(p.weight for p in r.particles) == pytest.approx(1.0, abs=1e-5)
         assert r.answer == r.particles[r.best].text
         assert r.best == max(range(len(r.particles)), key=lambda i: r.particles[i].weight)

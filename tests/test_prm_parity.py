@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Qwen2Model
 
-from pfengine import Engine, EngineConfig, PFParams, Request, SamplingParams
+from pfengine import Engine, EngineConfig, SearchParams, Request, SamplingParams
 
 
 def head_prob(hidden: torch.Tensor, t: dict[str, torch.Tensor]) -> float:
@@ -15,7 +15,7 @@ def head_prob(hidden: torch.Tensor, t: dict[str, torch.Tensor]) -> float:
 def run_pf(engine: Engine, aggregation: str, seed: int = 3):
     req = Request(prompt="Step 1: add 17 and 25.",
                   sampling=SamplingParams(seed=seed, max_step_tokens=5, max_steps=4),
-                  pf=PFParams(n_particles=6, aggregation=aggregation))
+                  search=SearchParams(n_particles=6, aggregation=aggregation))
     return engine.generate([req])[0]
 
 

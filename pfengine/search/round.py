@@ -1,0 +1,141 @@
+"""End of a round, for every method: score the particles whose step ended -> the method decides
+which particles continue (ancestors) -> fork both caches -> next step (or next sweep, or done)."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+import torch
+
+from pfengine.kernels.prm_score import initial_running, running_to_prob, score_particles, weigh
+from pfengine.prm import CallablePRM, EndedStep, ModelPRM, ValueHeadPRM
+from pfengine.runner import ModelRunner
+from pfengine.search import beam, parallel_tempering, particle_filter, particle_gibbs
+from pfengine.state import Particle, RequestState, StepTrace
+
+PRM = ValueHeadPRM | ModelPRM | CallablePRM
+
+def _independent(r: RequestState) -> None:
+    """Greedy, best-of-N, weighted best-of-N, self-consistency: independent samples, never forked."""
+    return None
+
+
+PLANS: dict[str, Callable[[RequestState], list[int] | None]] = {
+    "particle_filter": particle_filter.plan,
+    "particle_gibbs": particle_gibbs.plan,
+    "parallel_tempering": parallel_tempering.plan,
+    "greedy": _independent,
+    "best_of_n": _independent,
+    "weighted_best_of_n": _independent,
+    "self_consistency": _independent,
+    "beam_search": beam.plan_beam,
+    "dvts": beam.plan_dvts,
+}
+
+
+def start(r: RequestState, logits: torch.Tensor, hidden: torch.Tensor) -> None:
+    """After the prompt's prefill: every particle slot starts from the prompt's last logits."""
+    r.prompt_logits, r.prompt_hidden = logits, hidden
+    n = r.n
+    r.particles = [Particle() for _ in range(n)]
+    r.logits, r.hidden = logits.expand(n, -1).clone(), hidden.expand(n, -1).clone()
+    r.running = initial_running(n, r.search.aggregation)
+    r.log_w = torch.full((n,), -float(torch.log(torch.tensor(float(n)))))
+
+
+def finish_round(reqs: list[RequestState], prm: PRM | None, runners: list[ModelRunner],
+                 decode: Callable[[list[int]], str]) -> None:
+    """Every request in ``reqs`` has no particle mid-step."""
+    for r in reqs:
+        if r.search.method == "particle_gibbs" and r.ref is not None:
+            particle_gibbs.install_reference(r, runners, r.round + 1)
+    groups: dict[str, list[RequestState]] = defaultdict(list)
+    for r in reqs:
+        groups[r.search.aggregation if r.search.uses_prm else ""].append(r)
+    for aggregation, group in groups.items():
+        _score(group, prm if aggregation else None, aggregation or "model", decode)
+    forks_dst, forks_src, moves = [], [], []
+    for r in reqs:
+        r.round += 1
+        r.stats.steps += 1
+        ancestors = PLANS[r.search.method](r)
+        if ancestors is not None and ancestors != list(range(r.n)):
+            forks_dst += r.rows
+            forks_src += [r.rows[a] for a in ancestors]
+            moves.append((r, ancestors))
+    if forks_dst:
+        fork(runners, forks_dst, forks_src)
+    for r, ancestors in moves:
+        r.reorder(ancestors)
+        r.trace[-1].ancestors = ancestors
+        r.stats.resamples += 1
+        for i, a in enumerate(ancestors):
+            r.particles[i].held = r.particles[i].held and i == a
+    for r in reqs:
+        for p in r.particles:
+            if p.step_done and not p.finished and not p.held:
+                p.step_starts.append(len(p.tokens))
+                p.step_text, p.step_done = "", False
+        if all(p.frozen for p in r.particles) and not r.done:
+            if r.search.method == "particle_gibbs" and r.sweep + 1 < r.search.iterations:
+                particle_gibbs.next_sweep(r, runners)
+            elif r.search.method != "beam_search":
+                r.done = True
+
+
+def fork(runners: list[ModelRunner], dst: list[int], src: list[int]) -> None:
+    """Row ``dst[i]`` becomes a copy of row ``src[i]`` in every cache (blocks shared, not copied)."""
+    for runner in runners:
+        runner.blocks.assign(torch.tensor(dst, dtype=torch.int64), torch.tensor(src, dtype=torch.int64))
+
+
+def _score(group: list[RequestState], prm: PRM | None, aggregation: str, decode: Callable[[list[int]], str]) -> None:
+    """Score the group's particles whose step just ended; weights and ESS per request."""
+    ended: list[EndedStep] = []
+    owners: list[tuple[RequestState, int]] = []
+    flags = []
+    for r in group:
+        for i, p in enumerate(r.particles):
+            fresh = p.step_done and not p.frozen and not p.held
+            flags.append(fresh)
+            if fresh:
+                ended.append(EndedStep(r.rows[i], r.hidden[i], r.prompt_text, [decode(s) for s in p.steps()], p.node))
+                owners.append((r, i))
+    scored = torch.tensor(flags, dtype=torch.bool)
+    sizes = torch.tensor([r.n for r in group])
+    seg_starts = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+    running = torch.cat([r.running for r in group])
+    temperature = torch.cat([torch.full((r.n,), r.search.weight_temperature) for r in group])
+    head = getattr(prm, "head", None)
+    if head is not None:  # hidden-state PRMs: the fused head -> aggregate -> weights -> ESS path
+        hidden = torch.zeros(scored.numel(), group[0].hidden.shape[1])
+        if ended:
+            hidden[scored] = _prm_output(prm, ended, aggregation).float()
+        running, log_w, ess = score_particles(hidden, head, running, scored, seg_starts, aggregation, temperature)
+    else:
+        step_logit = torch.zeros(scored.numel())
+        if ended and prm is not None:
+            step_logit[scored] = _prm_output(prm, ended, aggregation)
+        if prm is None:
+            scored = scored & False
+        running, log_w, ess = weigh(step_logit, running, scored, seg_starts, aggregation, temperature)
+    probs = running_to_prob(running, aggregation)
+    for j, r in enumerate(group):
+        lo, hi = int(seg_starts[j]), int(seg_starts[j + 1])
+        r.running, r.log_w = running[lo:hi], log_w[lo:hi]
+        for i, p in enumerate(r.particles):
+            if flags[lo + i]:
+                p.step_running.append(float(r.running[i]))
+                if r.search.method == "particle_gibbs":
+                    p.step_hidden.append(r.hidden[i].clone())
+                p.frozen = p.finished
+        r.trace.append(StepTrace(tokens=[list(p.tokens) for p in r.particles], scored=scored[lo:hi].tolist(),
+                                 scores=probs[lo:hi].tolist(), log_weights=r.log_w.tolist(), ess=float(ess[j]),
+                                 sweep=r.sweep))
+
+
+def _prm_output(prm: PRM, ended: list[EndedStep], aggregation: str) -> torch.Tensor:
+    """Hidden states at the step ends (value head, Qwen-layout PRM) or step logits (others)."""
+    if isinstance(prm, ModelPRM):
+        return prm.score(ended, keep_tags=aggregation != "model")
+    return prm.score(ended)
