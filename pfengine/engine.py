@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 from itertools import count
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from transformers import AutoTokenizer
@@ -25,7 +26,7 @@ from pfengine.runner import ModelRunner
 from pfengine.sampling import sample
 from pfengine.search import results
 from pfengine.search.round import PRM, finish_round, fork, start
-from pfengine.state import PFResult, RequestState
+from pfengine.state import Event, PFResult, RequestState
 
 log = logging.getLogger("pfengine")
 
@@ -45,6 +46,8 @@ class Engine:
         self._ids = count()
         self._nodes = count(1)
         self._admission_paused = False
+        self.waiting: list[RequestState] = []
+        self.running: list[RequestState] = []
         self.preemptions = 0
         self.recomputed_tokens = 0
 
@@ -92,28 +95,75 @@ class Engine:
                   "prm_blocks_in_use": self.prm_runner.blocks.blocks_in_use}
         return s
 
-    def generate(self, requests: list[Request]) -> list[PFResult]:
-        """Run all requests to completion, together; results in the order given."""
-        states = [self._prepare(r) for r in requests]
-        waiting, running = list(states), []
-        results: dict[int, PFResult] = {}
-        while waiting or running:
-            if not self._admission_paused:
-                running += self._admit(waiting)
-            self._make_room(running, waiting)
-            self._decode(running)
-            at_barrier = [r for r in running if all(p.step_done or p.finished for p in r.particles)]
-            if at_barrier:
-                finish_round(at_barrier, self.prm, self.runners, self._decode_text)
-            for r in [r for r in at_barrier if r.done]:
-                running.remove(r)
-                results[r.id] = self._finish(r)
-                self._admission_paused = False
-        return [results[s.id] for s in states]
+    def add_request(self, request: Request) -> int:
+        """Validate and queue a request; it joins the running batch at the next round boundary."""
+        state = self._prepare(request)
+        self.waiting.append(state)
+        return state.id
 
-    def _make_room(self, running: list[RequestState], waiting: list[RequestState]) -> None:
+    def abort(self, request_id: int) -> bool:
+        """Drop a request (e.g. its client went away) and free its blocks. False if unknown."""
+        for queue in (self.waiting, self.running):
+            for r in queue:
+                if r.id == request_id:
+                    queue.remove(r)
+                    if r.rows:
+                        self._release(r)
+                    return True
+        return False
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> list[Event]:
+        """One engine iteration: admit, decode one token for every particle mid-step, and finish the
+        rounds (score -> resample -> fork) of requests whose particles all reached a step end."""
+        if not self._admission_paused:
+            self.running += self._admit(self.waiting)
+        events = self._make_room(self.running, self.waiting)
+        self._decode(self.running)
+        at_barrier = [r for r in self.running if all(p.step_done or p.finished for p in r.particles)]
+        if not at_barrier:
+            return events
+        finish_round(at_barrier, self.prm, self.runners, self._decode_text)
+        events += [Event(r.id, r.trace[-1]) for r in at_barrier]
+        for r in [r for r in at_barrier if r.done]:
+            self.running.remove(r)
+            events.append(Event(r.id, None, self._finish(r)))
+            self._admission_paused = False
+        return events
+
+    def generate(self, requests: list[Request]) -> list[PFResult]:
+        """Run requests to completion, batched together (and with any already queued); results in order."""
+        ids = [self.add_request(r) for r in requests]
+        results: dict[int, PFResult] = {}
+        while any(i not in results for i in ids):
+            for event in self.step():
+                if event.error is not None and event.request_id in ids:
+                    for i in ids:
+                        self.abort(i)
+                    raise event.error
+                if event.result is not None:
+                    results[event.request_id] = event.result
+        return [results[i] for i in ids]
+
+    def stream(self, request: Request) -> Iterator[Event]:
+        """Run one request (with whatever else is queued), yielding its events as rounds finish."""
+        rid = self.add_request(request)
+        while True:
+            for event in self.step():
+                if event.request_id == rid:
+                    if event.error is not None:
+                        raise event.error
+                    yield event
+                    if event.result is not None:
+                        return
+
+    def _make_room(self, running: list[RequestState], waiting: list[RequestState]) -> list[Event]:
         """Preempt the latest-admitted requests until this iteration's worst case fits in every cache:
-        one token per particle mid-step, and in the PRM also a step tag per particle not yet scored."""
+        one token per particle mid-step, and in the PRM also a step tag per particle not yet scored.
+        A request that cannot fit even alone fails (an error event); the others go on."""
         while running:
             policy_rows, prm_rows, prm_new = [], [], []
             for r in running:
@@ -128,22 +178,27 @@ class Engine:
                 needs.append((self.prm_runner, self.prm_runner.blocks.blocks_needed(
                     torch.tensor(prm_rows, dtype=torch.int64), torch.tensor(prm_new, dtype=torch.int64))))
             if all(need <= runner.blocks.num_free for runner, need in needs):
-                return
+                return []
             victim = running.pop()
             if not running:
-                raise OutOfBlocks(max(need for _, need in needs), min(r.blocks.num_free for r, _ in needs),
-                                  f"request {victim.id} alone outgrows the KV cache ({self.config.num_blocks} "
-                                  f"blocks of {self.config.block_size} tokens): raise EngineConfig.num_blocks "
-                                  f"or lower n_particles / max_tokens")
+                self._release(victim)
+                return [Event(victim.id, None, error=OutOfBlocks(
+                    max(need for _, need in needs), min(r.blocks.num_free for r, _ in needs),
+                    f"request {victim.id} alone outgrows the KV cache ({self.config.num_blocks} blocks of "
+                    f"{self.config.block_size} tokens): raise EngineConfig.num_blocks or lower n_particles / max_tokens"))]
             self._preempt(victim)
             waiting.insert(0, victim)
+        return []
+
+    def _release(self, r: RequestState) -> None:
+        for runner in self.runners:
+            runner.blocks.free(torch.tensor(r.all_rows, dtype=torch.int64))
+        self._free_rows += r.all_rows
 
     def _preempt(self, r: RequestState) -> None:
         """Free a request's blocks and restart it later from its seed; its tokens are recomputed
         (the only recompute the engine does, counted in ``recomputed_tokens``)."""
-        for runner in self.runners:
-            runner.blocks.free(torch.tensor(r.all_rows, dtype=torch.int64))
-        self._free_rows += r.all_rows
+        self._release(r)
         self.preemptions += 1
         self.recomputed_tokens += r.stats.prompt_tokens + r.stats.generated_tokens
         r.restart()
@@ -283,9 +338,7 @@ class Engine:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def _finish(self, r: RequestState) -> PFResult:
-        for runner in self.runners:
-            runner.blocks.free(torch.tensor(r.all_rows, dtype=torch.int64))
-        self._free_rows += r.all_rows
+        self._release(r)
         r.stats.seconds = time.perf_counter() - r.started
         return results.build(r, self._decode_text)
 

@@ -103,6 +103,17 @@ class PFResult:
 
 
 @dataclass
+class Event:
+    """What a request did in one engine step: a finished round (``trace``), its final ``result``,
+    or the ``error`` that ended it."""
+
+    request_id: int
+    trace: StepTrace | None
+    result: PFResult | None = None
+    error: Exception | None = None
+
+
+@dataclass
 class Completed:
     """A beam that finished and left the pool, with its aggregated score (logit or sum-log for prod)."""
 
