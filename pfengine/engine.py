@@ -34,8 +34,8 @@ log = logging.getLogger("pfengine")
 class Engine:
     def __init__(self, config: EngineConfig, prm_fn: PRMFn | None = None) -> None:
         self.config = config
-        self.tokenizer = _load_tokenizer(config.model)
         model_cfg = read_config(config.model)
+        self.tokenizer = _load_tokenizer(config.model, model_cfg.vocab_size)
         self.max_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
         self.policy = self._runner(config.model)
         self.prm_runner: ModelRunner | None = None
@@ -343,11 +343,20 @@ class Engine:
         return results.build(r, self._decode_text)
 
 
-def _load_tokenizer(path: str):
+def _load_tokenizer(path: str, vocab_size: int | None = None):
+    """The checkpoint's tokenizer; an empty one (transformers builds that when the files are missing)
+    or one with ids beyond the model's embedding table is refused."""
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot load its tokenizer ({e})") from None
+    if len(tokenizer) < 2:
+        raise CheckpointError(f"{path}: cannot load its tokenizer (no tokenizer.json, or vocab.json + merges.txt)")
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        top = max(tokenizer.get_vocab().values())
+        if top >= vocab_size:
+            raise CheckpointError(f"{path}: tokenizer has token id {top} but the model's vocab_size is {vocab_size}")
+    return tokenizer
 
 
 def _check_same_tokenizer(policy, prm, prm_path: str) -> None:

@@ -2,6 +2,7 @@
 or a Python callable. Each scores the particles whose step just ended."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ import torch
 from pfengine.kernels.prm_score import LOGIT_CLIP, P_CLIP, PRMHead
 from pfengine.model.checkpoint import CheckpointError, load_tensors
 from pfengine.runner import ModelRunner
+
+log = logging.getLogger("pfengine")
 
 PRMFn = Callable[[str, list[str]], float]
 """``(prompt_text, steps_so_far) -> probability that the last step is correct``."""
@@ -84,11 +87,15 @@ class CallablePRM:
         self.fn = fn
 
     def score(self, ended: list[EndedStep]) -> torch.Tensor:
-        """Step logits ``logit(p)``, p clipped to ``[1e-7, 1 - 1e-7]``."""
+        """Step logits ``logit(p)``, p clipped to ``[1e-7, 1 - 1e-7]``. A value that is not a
+        probability (NaN, inf, outside [0, 1]) is logged and read as 0: that particle's weight
+        vanishes and the request goes on."""
         probs = [float(self.fn(e.prompt, e.steps)) for e in ended]
         bad = [p for p in probs if not 0.0 <= p <= 1.0]
         if bad:
-            raise ValueError(f"PRM callable must return probabilities in [0, 1], got {bad[0]!r}")
+            log.warning("PRM callable returned %d value(s) outside [0, 1] (e.g. %r); those particles get weight 0",
+                        len(bad), bad[0])
+        probs = [p if 0.0 <= p <= 1.0 else 0.0 for p in probs]
         return torch.tensor([math.log(max(p, P_CLIP) / max(1 - p, P_CLIP)) for p in probs]).clamp(-LOGIT_CLIP, LOGIT_CLIP)
 
 

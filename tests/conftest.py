@@ -3,6 +3,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402  (importing torch does not import triton)
+
+if not torch.cuda.is_available():
+    # Triton decides when it is first imported (transformers -> torch._dynamo imports it) whether its
+    # own language helpers are interpreted; the kernel tests (tests/test_kernel_*.py) run Triton on
+    # CPU tensors, so the interpreter must be on before anything imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -36,7 +36,7 @@ class Harness:
         self.truth.update(new)
 
     def free(self, rows: list[int]) -> None:
-        self.bm.free(torch.tensor(rows))
+        self.bm.free(torch.tensor(rows, dtype=torch.int64))
         for r in rows:
             self.truth.pop(r, None)
 

@@ -6,7 +6,10 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from pfengine import Engine, EngineConfig, Request
+import torch
+
 from pfengine.model.checkpoint import CheckpointError, read_config
+from pfengine.random_model import save_random_prm, save_tokenizer
 
 
 def broken_copy(src: str, tmp_path, edit_config=None, edit_tensors=None) -> str:
@@ -76,3 +79,28 @@ def test_pf_needs_a_prm(policy_dir):
     engine = Engine(EngineConfig(model=policy_dir, num_blocks=16))  # fine for PRM-free methods
     with pytest.raises(ValueError, match="'particle_filter' needs a PRM"):
         engine.generate([Request(prompt="hi")])
+
+
+def test_integer_weights_are_refused(policy_dir, tmp_path):
+    path = broken_copy(policy_dir, tmp_path, edit_tensors=lambda t: t.update(
+        {"model.norm.weight": t["model.norm.weight"].to(torch.int32)}))
+    with pytest.raises(CheckpointError, match="model.norm.weight has dtype torch.int32"):
+        Engine(EngineConfig(model=path, num_blocks=16), prm_fn=lambda p, s: 0.5)
+
+
+@pytest.mark.parametrize("missing,message", [("model.safetensors", "no model.safetensors"),
+                                             ("tokenizer.json", "cannot load its tokenizer")])
+def test_missing_files(policy_dir, tmp_path, missing, message):
+    path = broken_copy(policy_dir, tmp_path)
+    (tmp_path / "ckpt" / missing).unlink()
+    if missing == "tokenizer.json":
+        (tmp_path / "ckpt" / "tokenizer_config.json").unlink()
+    with pytest.raises(CheckpointError, match=message):
+        Engine(EngineConfig(model=path, num_blocks=16), prm_fn=lambda p, s: 0.5)
+
+
+def test_prm_with_another_tokenizer_is_refused(policy_dir, tmp_path):
+    prm = save_random_prm(tmp_path / "prm", vocab_size=384)
+    save_tokenizer(prm, vocab_size=300)  # same layout, other merges: ids no longer agree
+    with pytest.raises(CheckpointError, match="PRM tokenizer differs from the policy's"):
+        Engine(EngineConfig(model=policy_dir, prm=str(prm), num_blocks=16))

@@ -24,7 +24,10 @@ _TRITON_AVAILABLE: bool | None = None
 def triton_available() -> bool:
     global _TRITON_AVAILABLE
     if _TRITON_AVAILABLE is None:
-        _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+        try:
+            _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+        except (ImportError, ValueError):
+            _TRITON_AVAILABLE = False
     return _TRITON_AVAILABLE
 
 
@@ -34,6 +37,9 @@ def use_triton(t: torch.Tensor) -> bool:
     if force == "0":
         return False
     if force == "1":
+        if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            raise RuntimeError("PFENGINE_TRITON=1 on CPU tensors needs TRITON_INTERPRET=1, set before "
+                               "triton is first imported")
         return True
     return t.is_cuda and triton_available()
 
@@ -54,6 +60,12 @@ def next_pow2(x: int) -> int:
 class lazy_jit:
     """``@triton.jit`` applied on first launch: ``kernel[grid](...)`` as with a jitted function.
 
+    Nothing here imports triton before a kernel is launched: importing pfengine never imports it, so
+    ``TRITON_INTERPRET`` may be set any time before the first launch (triton decides at import
+    whether its own ``triton.language`` helpers are interpreted or compiled). The first launch binds
+    ``triton.language`` as ``tl`` in the kernel's module (its annotations such as ``tl.constexpr``
+    are strings, thanks to ``from __future__ import annotations``).
+
     Kernels wrapped this way must not call each other (the Triton frontend resolves callees by name
     in the module's globals, where it would find this wrapper): each kernel is self-contained.
     """
@@ -69,7 +81,9 @@ class lazy_jit:
         jitted = self._jitted.get(interpret)
         if jitted is None:
             import triton
+            import triton.language
 
+            self.fn.__globals__["tl"] = triton.language
             jitted = self._jitted[interpret] = triton.jit(self.fn)
         return jitted
 

@@ -5,10 +5,7 @@ import torch
 
 from pfengine.kernels import cdiv, lazy_jit, next_pow2, profiled, use_triton
 
-try:
-    import triton.language as tl
-except ImportError:  # optional extra: the reference path needs no triton
-    tl = None
+tl = None  # triton.language, bound by lazy_jit when a kernel is first launched
 
 
 def copy_blocks(kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
@@ -51,7 +48,8 @@ def _copy_blocks_kernel(cache_ptr, pairs_ptr, s_pr, s_pc, num_blocks, block_nume
     e = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     src = tl.load(pairs_ptr + pair * s_pc).to(tl.int64)
     dst = tl.load(pairs_ptr + s_pr + pair * s_pc).to(tl.int64)
-    mask = (e < block_numel) & (src >= 0) & (dst >= 0)
+    # (a scalar condition is broadcast before the '&': the interpreter mishandles vector & scalar)
+    mask = (e < block_numel) & ((e * 0 + tl.minimum(src, dst)) >= 0)
     src_base = (plane * num_blocks + src) * block_numel
     dst_base = (plane * num_blocks + dst) * block_numel
     x = tl.load(cache_ptr + src_base + e, mask=mask)

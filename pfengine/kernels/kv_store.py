@@ -5,10 +5,7 @@ import torch
 
 from pfengine.kernels import cdiv, lazy_jit, next_pow2, profiled, use_triton
 
-try:
-    import triton.language as tl
-except ImportError:  # optional extra: the reference path needs no triton
-    tl = None
+tl = None  # triton.language, bound by lazy_jit when a kernel is first launched
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -55,7 +52,8 @@ def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr,
     tok = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     slot = tl.load(slots_ptr + tok * s_slot).to(tl.int64)
-    mask = (e < row_numel) & (slot >= 0)
+    # (a scalar condition is broadcast before the '&': the interpreter mishandles vector & scalar)
+    mask = (e < row_numel) & ((e * 0 + slot) >= 0)
     h = e // HEAD_DIM
     d = e % HEAD_DIM
     blk = slot // block_size

@@ -1,16 +1,11 @@
 """Paged decode attention: one query token per particle against its KV blocks."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from pfengine.kernels import cdiv, lazy_jit, next_pow2, profiled, use_triton
 
-try:
-    import triton.language as tl
-except ImportError:  # optional extra: the reference path needs no triton
-    tl = None
+tl = None  # triton.language, bound by lazy_jit when a kernel is first launched
 
 LOG2E = 1.4426950408889634
 MIN_BLOCKS_PER_SPLIT = 8

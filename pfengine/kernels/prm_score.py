@@ -6,12 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from pfengine.batch_invariant import linear
 from pfengine.kernels import cdiv, lazy_jit, next_pow2, profiled, use_triton
 
-try:
-    import triton.language as tl
-except ImportError:  # optional extra: the reference path needs no triton
-    tl = None
+tl = None  # triton.language, bound by lazy_jit when a kernel is first launched
 
 P_CLIP = 1e-7
 LOGIT_CLIP = math.log((1 - P_CLIP) / P_CLIP)
@@ -53,8 +51,8 @@ def score_particles_ref(hidden: torch.Tensor, head: PRMHead, running: torch.Tens
 
 def head_logit(hidden: torch.Tensor, head: PRMHead) -> torch.Tensor:
     """logit(p_correct) = l1 - l0, clipped as the paper clips p to [1e-7, 1 - 1e-7]."""
-    h = torch.relu(hidden.float() @ head.w1.T + head.b1)
-    logits = h @ head.w2.T + head.b2
+    h = torch.relu(linear(hidden.float(), head.w1, head.b1))
+    logits = linear(h, head.w2, head.b2)
     return (logits[:, 1] - logits[:, 0]).clamp(-LOGIT_CLIP, LOGIT_CLIP)
 
 
@@ -125,7 +123,8 @@ def score_particles_triton(hidden: torch.Tensor, head: PRMHead, running: torch.T
 
 
 def weigh_triton(step_logit: torch.Tensor, running: torch.Tensor, scored: torch.Tensor, seg_starts: torch.Tensor,
-                 aggregation: str, temperature: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 aggregation: str, temperature: float | torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _weigh_launch(step_logit.float(), None, running, scored, seg_starts, aggregation, temperature)
 
 
@@ -133,13 +132,16 @@ def _weigh_launch(x: torch.Tensor, head: PRMHead | None, running: torch.Tensor, 
                   seg_starts: torch.Tensor, aggregation: str, temperature: float | torch.Tensor,
                   block_m: int | None = None, block_h: int | None = None, block_seg: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x`` is ``hidden @ w1.T`` (``[M, H]``, with ``head``) or the step logits (``[M]``, without)."""
+    """``x`` is ``hidden @ w1.T`` (``[M, H]``, with ``head``) or the step logits (``[M]``, without).
+    Grid ``(cdiv(M, BLOCK_M),)`` for the rows, ``(R,)`` for the segments; ``block_*`` override the
+    tile sizes (tests shrink them to exercise the chunk loops)."""
     if aggregation not in _AGG:
         raise ValueError(f"unknown aggregation {aggregation!r}")
     m = x.shape[0]
     dev = x.device
     n_seg = seg_starts.numel() - 1
-    running = running.float()
+    running = running.float().contiguous()
+    seg_starts = seg_starts.contiguous()
     new_running = torch.empty(m, dtype=torch.float32, device=dev)
     log_w = torch.empty(m, dtype=torch.float32, device=dev)
     ess = torch.empty(n_seg, dtype=torch.float32, device=dev)
@@ -147,13 +149,13 @@ def _weigh_launch(x: torch.Tensor, head: PRMHead | None, running: torch.Tensor, 
         temp_t, temp_s, per_row = temperature.to(device=dev, dtype=torch.float32).expand(m).contiguous(), 1.0, True
     else:
         temp_t, temp_s, per_row = new_running, float(temperature), False
-    scored_u8 = scored.to(torch.uint8)
+    scored_u8 = scored.to(torch.uint8).contiguous()
     if m:
-        block_m = block_m or min(64, next_pow2(m))
+        block_m = block_m or min(32, next_pow2(m))
         if head is not None:
             hdim = x.shape[1]
             block_h = block_h or min(128, next_pow2(hdim))
-            w1b, w2, b2 = head.b1.float(), head.w2.float(), head.b2.float()
+            w1b, w2, b2 = head.b1.float().contiguous(), head.w2.float(), head.b2.float().contiguous()
             s_xm, s_xh = x.stride()
         else:
             hdim, block_h = 1, 1
@@ -217,7 +219,10 @@ def _prm_rows_kernel(x_ptr, b1_ptr, w2_ptr, b2_ptr, running_ptr, scored_ptr, tem
 
     if AGG == 2:  # logit(r) from log r: log r - log(-expm1(log r)), log r capped at log1p(-P_CLIP)
         r = tl.minimum(running, prod_cap)
-        series = r * (1.0 + r / 2.0 * (1.0 + r / 3.0 * (1.0 + r / 4.0 * (1.0 + r / 5.0 * (1.0 + r / 6.0 * (1.0 + r / 7.0))))))
+        # expm1 without cancellation near 0 (fp32 exp(r) - 1 loses all digits for |r| ~ 1e-7):
+        # Taylor series to r^7 for |r| < 0.1 (error < 1e-13 relative), exp(r) - 1 beyond.
+        series = r * (1.0 + r / 2.0 * (1.0 + r / 3.0 * (1.0 + r / 4.0 * (1.0 + r / 5.0 * (1.0 + r / 6.0
+                                                                                       * (1.0 + r / 7.0))))))
         expm1 = tl.where(r > -0.1, series, tl.exp(r) - 1.0)
         logit = running - tl.log(-expm1)
     else:

@@ -2,18 +2,20 @@
 which particles continue (ancestors) -> fork both caches -> next step (or next sweep, or done)."""
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from typing import Callable
 
 import torch
 
-from pfengine.kernels.prm_score import initial_running, running_to_prob, score_particles, weigh
+from pfengine.kernels.prm_score import LOGIT_CLIP, head_logit, initial_running, running_to_prob, score_particles, weigh
 from pfengine.prm import CallablePRM, EndedStep, ModelPRM, ValueHeadPRM
 from pfengine.runner import ModelRunner
 from pfengine.search import beam, parallel_tempering, particle_filter, particle_gibbs
 from pfengine.state import Particle, RequestState, StepTrace
 
 PRM = ValueHeadPRM | ModelPRM | CallablePRM
+log = logging.getLogger("pfengine")
 
 def _independent(r: RequestState) -> None:
     """Greedy, best-of-N, weighted best-of-N, self-consistency: independent samples, never forked."""
@@ -107,11 +109,17 @@ def _score(group: list[RequestState], prm: PRM | None, aggregation: str, decode:
     running = torch.cat([r.running for r in group])
     temperature = torch.cat([torch.full((r.n,), r.search.weight_temperature) for r in group])
     head = getattr(prm, "head", None)
-    if head is not None:  # hidden-state PRMs: the fused head -> aggregate -> weights -> ESS path
-        hidden = torch.zeros(scored.numel(), group[0].hidden.shape[1])
-        if ended:
-            hidden[scored] = _prm_output(prm, ended, aggregation).float()
+    hidden = torch.zeros(scored.numel(), group[0].hidden.shape[1]) if head is not None else None
+    if hidden is not None and ended:
+        hidden[scored] = _prm_output(prm, ended, aggregation).float()
+    broken = hidden is not None and not bool(torch.isfinite(hidden).all())
+    if hidden is not None and not broken:  # the fused head -> aggregate -> weights -> ESS path
         running, log_w, ess = score_particles(hidden, head, running, scored, seg_starts, aggregation, temperature)
+    elif broken:  # a PRM produced NaN/inf: those particles read as p = 0 (weight ~0); the run goes on
+        bad = ~torch.isfinite(hidden).all(1)
+        log.warning("PRM produced non-finite hidden states for %d particle(s); they get weight 0", int(bad.sum()))
+        step_logit = head_logit(hidden.nan_to_num(0.0, 0.0, 0.0), head).masked_fill(bad, -LOGIT_CLIP)
+        running, log_w, ess = weigh(step_logit, running, scored, seg_starts, aggregation, temperature)
     else:
         step_logit = torch.zeros(scored.numel())
         if ended and prm is not None:
