@@ -18,22 +18,30 @@ class ModelRunner:
     def extend(self, rows: list[int], token_lists: list[list[int]]) -> torch.Tensor:
         """Append several tokens to each row (prompt prefill, PRM steps); hidden state of each row's last token."""
         assert all(token_lists), "extend: every row needs at least one token"
-        rows_t = torch.tensor(rows, dtype=torch.int64)
-        n_new = torch.tensor([len(t) for t in token_lists], dtype=torch.int64)
+        dev = self.blocks.device
+        rows_t = torch.tensor(rows, dtype=torch.int64, device=dev)
+        n_new = torch.tensor([len(t) for t in token_lists], dtype=torch.int64, device=dev)
         start = self.blocks.lens[rows_t].clone()
         slots = self._reserve(rows_t, n_new)
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(start.tolist(), n_new.tolist())])
+        positions = torch.cat([torch.arange(s, s + n, device=dev) for s, n in zip(start.tolist(), n_new.tolist())])
         cu = [0, *torch.cumsum(n_new, 0).tolist()]
-        tokens = torch.tensor([t for ts in token_lists for t in ts], dtype=torch.int64)
+        tokens = torch.tensor([t for ts in token_lists for t in ts], dtype=torch.int64, device=dev)
         hidden = self.decoder.forward(ForwardBatch(tokens, positions, slots, rows_t, cu, start + n_new))
-        return hidden[torch.tensor(cu[1:]) - 1]
+        return hidden[[c - 1 for c in cu[1:]]]
 
     def decode(self, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token to each row; their hidden states ``[n, H]``."""
+        rows, tokens = rows.to(self.blocks.device), tokens.to(self.blocks.device)
         positions = self.blocks.lens[rows].clone()
         slots = self._reserve(rows, torch.ones_like(rows))
         cu = list(range(rows.numel() + 1))
         return self.decoder.forward(ForwardBatch(tokens, positions, slots, rows, cu, positions + 1))
+
+    def fork(self, rows: torch.Tensor, ancestors: torch.Tensor, writes: torch.Tensor) -> None:
+        """Resampling fork of this cache (see :meth:`BlockManager.fork`), copies included."""
+        pairs = self.blocks.fork(rows, ancestors, writes)
+        copy_blocks(self.decoder.kv_cache, pairs)
+        self.cow_copies += int((pairs[0] >= 0).sum())
 
     def _reserve(self, rows: torch.Tensor, n_new: torch.Tensor) -> torch.Tensor:
         slots, cow = self.blocks.reserve(rows, n_new)

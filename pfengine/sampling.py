@@ -22,5 +22,5 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     # Inverse CDF with one uniform per row: exact, and far cheaper on CPU than torch.multinomial
     # or a per-token random race at large vocabularies (the generator draws n numbers, not n * V).
     cdf = probs.double().cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64).to(probs.device)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)

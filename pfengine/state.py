@@ -174,7 +174,7 @@ class RequestState:
 
     def reorder(self, ancestors: list[int]) -> None:
         """Particle ``i`` becomes a copy of particle ``ancestors[i]`` (the caches fork separately)."""
-        idx = torch.tensor(ancestors)
+        idx = torch.tensor(ancestors, device=self.logits.device)
         self.particles = [self.particles[a].copy() for a in ancestors]
         self.logits, self.hidden = self.logits[idx], self.hidden[idx]
         self.running, self.log_w = self.running[idx], self.log_w[idx]

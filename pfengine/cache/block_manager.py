@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from pfengine.kernels.fork import fork as fork_kernel
+
 
 class OutOfBlocks(RuntimeError):
     """Raised before any state changes when a reservation needs more blocks than are free."""
@@ -27,6 +29,7 @@ class BlockManager:
         self.ref_counts = torch.zeros(num_blocks, dtype=torch.int32, device=device)
         self.free_stack = torch.arange(num_blocks - 1, -1, -1, dtype=torch.int32, device=device)
         self.num_free = num_blocks
+        self.device = self.tables.device
 
     @property
     def blocks_in_use(self) -> int:
@@ -34,6 +37,7 @@ class BlockManager:
 
     def blocks_needed(self, rows: torch.Tensor, n_new: torch.Tensor) -> int:
         """Upper bound on the blocks :meth:`reserve` takes: new blocks plus one COW copy per row."""
+        rows, n_new = rows.to(self.device), torch.as_tensor(n_new, device=self.device)
         start = self.lens[rows]
         grow = _ceil_div(start + n_new, self.block_size) - _ceil_div(start, self.block_size)
         partial = (start % self.block_size != 0) & (n_new > 0)
@@ -46,9 +50,10 @@ class BlockManager:
         (src, dst) block pairs the caller must copy first: a shared, partially filled last block is
         copied for every writer but one (none if a reader outside ``rows`` still holds it).
         """
+        rows = rows.to(self.device)
         assert rows.numel() == rows.unique().numel(), "reserve: rows must be distinct"
         B = self.block_size
-        n_new = n_new.to(torch.int64).expand(rows.shape)
+        n_new = n_new.to(self.device, torch.int64).expand(rows.shape)
         start = self.lens[rows]
         end = start + n_new
         first_new, last_new = _ceil_div(start, B), _ceil_div(end, B)
@@ -101,19 +106,33 @@ class BlockManager:
 
         New references are added before old ones are dropped, so no live block is freed mid-way.
         """
+        dst, src = dst.to(self.device), src.to(self.device)
         new_tables, new_lens = self.tables[src].clone(), self.lens[src].clone()
         new_refs = new_tables[new_tables >= 0].long()
         self.ref_counts.index_add_(0, new_refs, torch.ones_like(new_refs, dtype=torch.int32))
         self._release(self.tables[dst])
         self.tables[dst], self.lens[dst] = new_tables, new_lens
 
+    def fork(self, rows: torch.Tensor, ancestors: torch.Tensor, writes: torch.Tensor) -> torch.Tensor:
+        """Resampling in one kernel: row ``rows[i]`` becomes a copy of ``rows[ancestors[i]]``, and
+        each writing child whose last block is partial and shared gets its private copy now.
+        Returns the ``[2, P]`` (src, dst) pairs to copy (-1 padded); copies it could not get
+        blocks for are left to :meth:`reserve`, which copies lazily or raises."""
+        num_free = torch.tensor([self.num_free], dtype=torch.int64, device=self.device)
+        result = fork_kernel(self.tables, self.lens, self.ref_counts, self.free_stack, num_free,
+                             rows.to(self.device), ancestors.to(self.device), writes.to(self.device), self.block_size)
+        self.num_free = int(num_free)
+        return result.cow_pairs
+
     def free(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self.device)
         self._release(self.tables[rows])
         self.tables[rows] = -1
         self.lens[rows] = 0
 
     def truncate(self, rows: torch.Tensor, n: int) -> None:
         """Forget the last ``n`` tokens of each row (e.g. a scored PRM step tag)."""
+        rows = rows.to(self.device)
         new_lens = self.lens[rows] - n
         assert bool((new_lens >= 0).all()), "truncate: more tokens than the row holds"
         cols = torch.arange(self.tables.shape[1], device=rows.device)

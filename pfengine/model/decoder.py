@@ -1,6 +1,7 @@
 """Our decoder (Llama / Qwen2 / Mistral) over one paged KV tensor ``[2, layers, blocks, B, Hkv, D]``."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,17 @@ from pfengine.kernels.paged_attention import paged_decode_attention
 from pfengine.kernels.prm_score import PRMHead
 from pfengine.model.checkpoint import ModelConfig, expected_shapes, load_tensors, read_config
 from pfengine.model.rope import apply_rope, rope_table
+
+log = logging.getLogger("pfengine")
+
+
+def flash_varlen_attention():
+    """flash-attn's variable-length attention on CUDA when the ``gpu`` extra is installed, else None."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
 
 
 @dataclass
@@ -62,6 +74,8 @@ class PagedDecoder:
                                     dtype=kv_dtype, device=device)
         self.tables: torch.Tensor | None = None
         """Block tables of this model's cache; the engine points this at its block manager's."""
+        self.flash = flash_varlen_attention() if torch.device(device).type == "cuda" else None
+        log.info("prompt prefill attention: %s", "flash-attn varlen" if self.flash else "torch SDPA")
 
     def _layer(self, t: dict[str, torch.Tensor], p: str) -> Layer:
         a = p + "self_attn."
@@ -107,7 +121,15 @@ class PagedDecoder:
 
     def _extend_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                           v_cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
-        """Several new tokens per sequence on top of (possibly) cached context: SDPA per sequence."""
+        """Several new tokens per sequence on top of (possibly) cached context: SDPA per sequence,
+        or one flash-attn varlen call when every sequence is a fresh prompt."""
+        lens = [hi - lo for lo, hi in zip(batch.cu_q[:-1], batch.cu_q[1:])]
+        if self.flash is not None and batch.context_lens.tolist() == lens:
+            cu = torch.tensor(batch.cu_q, dtype=torch.int32, device=q.device)
+            half = torch.bfloat16
+            out = self.flash(q.to(half), k.to(half), v.to(half), cu, cu, max(lens), max(lens),
+                             softmax_scale=scale, causal=True)
+            return out.to(q.dtype)
         out = torch.empty_like(q)
         groups = self.cfg.num_heads // self.cfg.num_kv_heads
         block_size = k_cache.shape[1]

@@ -53,15 +53,15 @@ def draw(w: torch.Tensor, n: int, method: str, generator: torch.Generator) -> li
     w = w.double() / w.double().sum()
     if method == "residual":
         counts = torch.floor(m * w).long()
-        picks = torch.arange(m).repeat_interleave(counts)
+        picks = torch.arange(m, device=w.device).repeat_interleave(counts)
         rest = m - picks.numel()
         if rest:
             residual = m * w - counts
-            extra = torch.tensor(draw(residual, rest, "multinomial", generator))[:rest]
+            extra = torch.tensor(draw(residual, rest, "multinomial", generator), device=w.device)
             picks = torch.cat([picks, extra])
     else:
-        uniforms = torch.rand(m, generator=generator, dtype=torch.float64)
-        picks = resample(w, torch.tensor([0, m]), uniforms, method)
+        uniforms = torch.rand(m, generator=generator, dtype=torch.float64).to(w.device)
+        picks = resample(w, torch.tensor([0, m], device=w.device), uniforms, method)
     if n < m:
-        picks = picks[torch.randperm(m, generator=generator)[:n]]
+        picks = picks[torch.randperm(m, generator=generator)[:n].to(w.device)]
     return picks.tolist()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from pfengine.kernels.prm_score import initial_running
 from pfengine.runner import ModelRunner
 from pfengine.search import particle_filter
 from pfengine.state import Particle, RequestState
@@ -43,7 +42,7 @@ def install_reference(r: RequestState, runners: list[ModelRunner], n_steps: int)
 
 def next_sweep(r: RequestState, runners: list[ModelRunner]) -> None:
     """Draw the reference from the finished sweep by weight; restart the other slots from the prompt."""
-    from pfengine.search.round import fork
+    from pfengine.search.round import fork, reset_weights
 
     k = int(torch.multinomial(r.log_w.exp().double(), 1, generator=r.generator))
     fork(runners, [r.ref_row], [r.rows[k]])
@@ -52,9 +51,6 @@ def next_sweep(r: RequestState, runners: list[ModelRunner]) -> None:
     n = r.n
     r.particles = [Particle() for _ in range(n)]
     r.particles[-1] = Particle(held=True, step_done=True, node=-1)
-    r.logits = r.prompt_logits.expand(n, -1).clone()
-    r.hidden = r.prompt_hidden.expand(n, -1).clone()
-    r.running = initial_running(n, r.search.aggregation)
-    r.log_w = torch.full((n,), -float(torch.log(torch.tensor(float(n)))))
+    reset_weights(r, r.prompt_logits, r.prompt_hidden)
     r.sweep += 1
     r.round = 0

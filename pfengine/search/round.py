@@ -3,6 +3,7 @@ which particles continue (ancestors) -> fork both caches -> next step (or next s
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from typing import Callable
 
@@ -40,9 +41,15 @@ def start(r: RequestState, logits: torch.Tensor, hidden: torch.Tensor) -> None:
     r.prompt_logits, r.prompt_hidden = logits, hidden
     n = r.n
     r.particles = [Particle() for _ in range(n)]
+    reset_weights(r, logits, hidden)
+
+
+def reset_weights(r: RequestState, logits: torch.Tensor, hidden: torch.Tensor) -> None:
+    """Every slot continues from ``logits`` / ``hidden`` ([1, V], [1, H]) with equal weights."""
+    n = r.n
     r.logits, r.hidden = logits.expand(n, -1).clone(), hidden.expand(n, -1).clone()
-    r.running = initial_running(n, r.search.aggregation)
-    r.log_w = torch.full((n,), -float(torch.log(torch.tensor(float(n)))))
+    r.running = initial_running(n, r.search.aggregation, logits.device)
+    r.log_w = torch.full((n,), -math.log(n), device=logits.device)
 
 
 def finish_round(reqs: list[RequestState], prm: PRM | None, runners: list[ModelRunner],
@@ -56,17 +63,19 @@ def finish_round(reqs: list[RequestState], prm: PRM | None, runners: list[ModelR
         groups[r.search.aggregation if r.search.uses_prm else ""].append(r)
     for aggregation, group in groups.items():
         _score(group, prm if aggregation else None, aggregation or "model", decode)
-    forks_dst, forks_src, moves = [], [], []
+    rows, global_ancestors, writes, moves = [], [], [], []
     for r in reqs:
         r.round += 1
         r.stats.steps += 1
         ancestors = PLANS[r.search.method](r)
         if ancestors is not None and ancestors != list(range(r.n)):
-            forks_dst += r.rows
-            forks_src += [r.rows[a] for a in ancestors]
+            global_ancestors += [len(rows) + a for a in ancestors]
+            writes += [not r.particles[a].finished for a in ancestors]
+            rows += r.rows
             moves.append((r, ancestors))
-    if forks_dst:
-        fork(runners, forks_dst, forks_src)
+    if rows:  # one fork kernel per cache for every request's resampling
+        for runner in runners:
+            runner.fork(torch.tensor(rows), torch.tensor(global_ancestors), torch.tensor(writes))
     for r, ancestors in moves:
         r.reorder(ancestors)
         r.trace[-1].ancestors = ancestors
@@ -103,13 +112,14 @@ def _score(group: list[RequestState], prm: PRM | None, aggregation: str, decode:
             if fresh:
                 ended.append(EndedStep(r.rows[i], r.hidden[i], r.prompt_text, [decode(s) for s in p.steps()], p.node))
                 owners.append((r, i))
-    scored = torch.tensor(flags, dtype=torch.bool)
-    sizes = torch.tensor([r.n for r in group])
-    seg_starts = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+    dev = group[0].running.device
+    scored = torch.tensor(flags, dtype=torch.bool, device=dev)
+    sizes = torch.tensor([r.n for r in group], device=dev)
+    seg_starts = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), sizes.cumsum(0)])
     running = torch.cat([r.running for r in group])
-    temperature = torch.cat([torch.full((r.n,), r.search.weight_temperature) for r in group])
+    temperature = torch.cat([torch.full((r.n,), r.search.weight_temperature, device=dev) for r in group])
     head = getattr(prm, "head", None)
-    hidden = torch.zeros(scored.numel(), group[0].hidden.shape[1]) if head is not None else None
+    hidden = torch.zeros(scored.numel(), group[0].hidden.shape[1], device=dev) if head is not None else None
     if hidden is not None and ended:
         hidden[scored] = _prm_output(prm, ended, aggregation).float()
     broken = hidden is not None and not bool(torch.isfinite(hidden).all())
@@ -121,9 +131,9 @@ def _score(group: list[RequestState], prm: PRM | None, aggregation: str, decode:
         step_logit = head_logit(hidden.nan_to_num(0.0, 0.0, 0.0), head).masked_fill(bad, -LOGIT_CLIP)
         running, log_w, ess = weigh(step_logit, running, scored, seg_starts, aggregation, temperature)
     else:
-        step_logit = torch.zeros(scored.numel())
+        step_logit = torch.zeros(scored.numel(), device=dev)
         if ended and prm is not None:
-            step_logit[scored] = _prm_output(prm, ended, aggregation)
+            step_logit[scored] = _prm_output(prm, ended, aggregation).to(dev)
         if prm is None:
             scored = scored & False
         running, log_w, ess = weigh(step_logit, running, scored, seg_starts, aggregation, temperature)

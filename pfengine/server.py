@@ -1,0 +1,514 @@
+"""OpenAI-compatible HTTP server over one :class:`~pfengine.async_engine.AsyncEngine`.
+
+Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /health``.
+
+A plain request is an ordinary completion: ``n`` independent samples (no PRM involved) with
+``temperature`` (default 1.0), ``top_p``, ``max_tokens``, ``stop`` and ``seed``, returned as ``n``
+choices. The extension object ``"search"`` selects a search method of the engine and its options::
+
+    "search": {"method": "particle_filter", "particles": 16, "aggregation": "model",
+               "resampling": "systematic", "max_steps": 20, "max_step_tokens": 128, ...}
+
+Every :class:`~pfengine.config.SearchParams` field is accepted (``particles`` is an alias of
+``n_particles``), plus the step options ``max_steps``, ``max_step_tokens``, ``step_delimiter``,
+``top_k``, ``stop_on_eos``, and ``reference_answer`` and ``return_particles`` (default true).
+Choice 0 is the chosen answer (with ``n > 1`` the next choices are the other candidates by weight) and
+the response carries ``"pfengine": {"method", "best", "particles": [{text, weight, score, ...}],
+"stats", ...}``.
+
+``stream: true`` sends OpenAI SSE chunks and ``data: [DONE]``. A plain request streams each choice's
+text as its steps finish. A search request sends one chunk per finished round: its ``delta`` holds
+the text every surviving particle now shares (settled: it cannot change any more, so the streamed
+pieces always add up to the final answer) and ``pfengine`` shows the round (leading particle and its
+text, scores, weights, ESS, ancestors); the last chunk completes the answer.
+
+``usage`` counts real tokens: the prompt once, and every token the engine sampled for the request.
+Errors are OpenAI-style JSON: 422 for a malformed body, 400 naming the field for a bad value, 400
+(``kv_cache_exhausted``) for a request that cannot fit in the KV cache, 404 for an unknown model.
+A client that disconnects (streaming or not) has its request aborted and its KV blocks freed.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import typing
+import uuid
+from dataclasses import asdict, fields
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pfengine.async_engine import AsyncEngine
+from pfengine.cache import OutOfBlocks
+from pfengine.config import Request, SamplingParams, SearchParams
+from pfengine.engine import Engine
+from pfengine.prompting import (NO_DELIMITER, chat_prompt, common_prefix, encode_prompt, stop_list, stream_safe,
+                                trim_at_stop)
+from pfengine.state import Event, PFResult, StepTrace
+
+log = logging.getLogger("pfengine.server")
+
+STREAM_STEP_TOKENS = 16
+"""A streamed plain request without stop strings is generated in steps of this many tokens."""
+PLAIN_STEP_TOKENS = 64
+"""A plain request without stop strings is generated in steps of this many tokens (independent
+samples never fork, so a step end is only the point where the engine reports progress)."""
+DISCONNECT_POLL_SECONDS = 0.25
+
+SEARCH_FIELDS = {f.name for f in fields(SearchParams)}
+SAMPLING_KEYS = {"max_steps", "max_step_tokens", "step_delimiter", "top_k", "stop_on_eos"}
+REQUEST_KEYS = {"reference_answer", "return_particles"}
+SEARCH_ALIASES = {"particles": "n_particles"}
+_SEARCH_TYPES = typing.get_type_hints(SearchParams)
+_SAMPLING_TYPES = typing.get_type_hints(SamplingParams)
+_EXTRA_TYPES = {"reference_answer": str | None, "return_particles": bool}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# ------------------------------------------------------------------------------------------------
+# Request bodies
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")  # other OpenAI fields are accepted and ignored
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    include_stop_str_in_output: bool = False
+    search: dict[str, Any] | None = None
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str]
+
+
+class ChatMessageBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessageBody]
+    max_completion_tokens: int | None = None
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
+
+
+class Job:
+    """One engine request made from one prompt of an HTTP request, and how to report it."""
+
+    def __init__(self, request: Request, plain: bool, n: int, stops: list[str], include_stop: bool,
+                 return_particles: bool, prompt_tokens: int) -> None:
+        self.request, self.plain, self.n, self.stops = request, plain, n, stops
+        self.include_stop, self.return_particles, self.prompt_tokens = include_stop, return_particles, prompt_tokens
+
+
+def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
+    try:
+        return TypeAdapter(hint).validate_python(value)
+    except ValidationError as e:
+        raise APIError(400, f"{where}.{name}: {e.errors()[0]['msg']}, got {value!r}", f"{where}.{name}") from None
+
+
+def build_job(engine: Engine, prompt: str | list[dict], body: _Body, max_tokens: int | None,
+              plain_max_tokens: int) -> Job:
+    """Validate an HTTP body's options for one prompt and make the engine request."""
+    if body.n < 1:
+        raise APIError(400, f"n: must be at least 1, got {body.n}", "n")
+    try:
+        stops = stop_list(body.stop)
+    except ValueError as e:
+        raise APIError(400, str(e), "stop") from None
+    plain = body.search is None
+    search_kw: dict[str, Any] = {}
+    sampling_kw: dict[str, Any] = {}
+    extra: dict[str, Any] = {"reference_answer": None, "return_particles": True}
+    if body.search is not None and "particles" in body.search and "n_particles" in body.search:
+        raise APIError(400, "search.particles: give particles or n_particles, not both", "search.particles")
+    for key, value in (body.search or {}).items():
+        name = SEARCH_ALIASES.get(key, key)
+        if name in SEARCH_FIELDS:
+            search_kw[name] = _coerce(name, value, _SEARCH_TYPES[name], "search")
+        elif name in SAMPLING_KEYS:
+            sampling_kw[name] = _coerce(name, value, _SAMPLING_TYPES[name], "search")
+        elif name in REQUEST_KEYS:
+            extra[name] = _coerce(name, value, _EXTRA_TYPES[name], "search")
+        else:
+            known = sorted(SEARCH_FIELDS | SAMPLING_KEYS | REQUEST_KEYS | set(SEARCH_ALIASES))
+            raise APIError(400, f"search.{key}: unknown option; expected one of {known}", f"search.{key}")
+    if plain:
+        search_kw = {"method": "self_consistency", "n_particles": body.n}
+    else:
+        search_kw.setdefault("n_particles", max(body.n, SearchParams().n_particles))
+    try:
+        search = SearchParams(**search_kw)
+    except (ValueError, TypeError) as e:
+        raise APIError(400, f"search: {e}", "search") from None
+    if not plain and body.n > _candidates(search):
+        raise APIError(400, f"n: a {search.method} search returns at most {_candidates(search)} candidates, "
+                            f"asked for {body.n}", "n")
+
+    try:
+        prompt_tokens = len(encode_prompt(engine.tokenizer, prompt)[1])
+    except (ValueError, TypeError) as e:
+        raise APIError(400, f"prompt: {e}", "prompt") from None
+    if body.top_k is not None:
+        sampling_kw.setdefault("top_k", body.top_k)
+    sampling_kw["temperature"] = 1.0 if body.temperature is None else body.temperature
+    if body.top_p is not None:
+        sampling_kw["top_p"] = body.top_p
+    sampling_kw["seed"] = body.seed
+    if plain:
+        # Never more than the context holds: the engine reserves KV blocks for a whole step up front.
+        max_tokens = plain_max_tokens if max_tokens is None else max_tokens
+        max_tokens = min(max_tokens, max(1, engine.max_len - prompt_tokens - 1)) if max_tokens > 0 else max_tokens
+        if stops:  # the engine ends the only step at the first stop string; others are cut afterwards
+            sampling_kw |= {"step_delimiter": stops[0], "max_steps": 1, "max_step_tokens": max(max_tokens, 1)}
+        else:  # steps of a few tokens (one SSE chunk each when streaming); no step delimiter
+            step = STREAM_STEP_TOKENS if body.stream else PLAIN_STEP_TOKENS
+            sampling_kw |= {"step_delimiter": NO_DELIMITER, "max_step_tokens": step,
+                            "max_steps": max(1, math.ceil(max_tokens / step))}
+    if max_tokens is not None:
+        sampling_kw["max_tokens"] = max_tokens
+    try:
+        sampling = SamplingParams(**sampling_kw)
+    except (ValueError, TypeError) as e:
+        field = str(e).split(" ")[0]
+        raise APIError(400, str(e), field if field in _SAMPLING_TYPES else None) from None
+    return Job(Request(prompt=prompt, sampling=sampling, search=search, reference_answer=extra["reference_answer"]),
+               plain, body.n, stops, body.include_stop_str_in_output, extra["return_particles"], prompt_tokens)
+
+
+def _candidates(search: SearchParams) -> int:
+    if search.method == "dvts":
+        return search.n_particles // search.beam_width
+    if search.method == "parallel_tempering":
+        return search.n_particles // len(search.temperatures)
+    if search.method == "particle_gibbs":
+        return search.particles_per_sweep
+    return search.n_particles
+
+
+# ------------------------------------------------------------------------------------------------
+# Results -> OpenAI objects
+
+
+def _finish_reason(engine: Engine, token_ids: list[int], stopped: bool) -> str:
+    if stopped or (token_ids and token_ids[-1] in engine.eos_ids):
+        return "stop"
+    return "length"
+
+
+def _choices(engine: Engine, job: Job, result: PFResult) -> list[tuple[str, str, int]]:
+    """``(text, finish_reason, particle)`` per choice: every sample for a plain request; the chosen
+    answer first (then the other candidates by weight) for a search."""
+    if job.plain:
+        order = list(range(len(result.particles)))
+    else:
+        rest = sorted((i for i in range(len(result.particles)) if i != result.best),
+                      key=lambda i: -result.particles[i].weight)
+        order = [result.best] + rest[:job.n - 1]
+    out = []
+    for i in order:
+        p = result.particles[i]
+        text, stopped = trim_at_stop(p.text, job.stops, job.include_stop)
+        out.append((text, _finish_reason(engine, p.token_ids, stopped), i))
+    return out
+
+
+def _extension(job: Job, result: PFResult) -> dict:
+    ext: dict[str, Any] = {"method": result.method, "best": result.best, "stats": asdict(result.stats),
+                           "rounds": len(result.trace)}
+    if result.expected_accuracy is not None:
+        ext["expected_accuracy"] = result.expected_accuracy
+    if job.return_particles:
+        ext["particles"] = [{"index": i, "text": p.text, "weight": p.weight, "score": p.score, "finished": p.finished,
+                             "answer": p.answer, "steps": p.steps, "num_tokens": len(p.token_ids)}
+                            for i, p in enumerate(result.particles)]
+    return ext
+
+
+def _usage(jobs: list[Job], results: list[PFResult]) -> dict:
+    prompt = sum(r.stats.prompt_tokens or j.prompt_tokens for j, r in zip(jobs, results))
+    completion = sum(r.stats.generated_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _round_info(engine: Engine, trace: StepTrace, round_no: int) -> dict:
+    leader = max(range(len(trace.log_weights)), key=lambda i: trace.log_weights[i]) if trace.log_weights else 0
+    return {"round": round_no, "sweep": trace.sweep, "leader": leader,
+            "leader_text": _decode(engine, trace.tokens[leader]) if trace.tokens else "",
+            "scores": trace.scores, "weights": [math.exp(w) for w in trace.log_weights], "ess": trace.ess,
+            "ancestors": trace.ancestors}
+
+
+def _decode(engine: Engine, tokens: list[int]) -> str:
+    return engine.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The app
+
+
+def create_app(engine: Engine, served_model_name: str | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine``; one :class:`AsyncEngine` batches all its requests."""
+    name = served_model_name or engine.config.model
+    aengine = AsyncEngine(engine)
+    created = int(time.time())
+    app = FastAPI(title="pfengine", description="OpenAI-compatible server with particle-filtering search")
+    app.state.engine, app.state.aengine, app.state.model_name = engine, aengine, name
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: HTTPRequest, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: HTTPRequest, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
+        parts = []
+        for err in errors[:3]:
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            parts.append(f"{loc or 'body'}: {err.get('msg')}")
+        first = ".".join(str(x) for x in errors[0].get("loc", ()) if x != "body") if errors else None
+        return JSONResponse(APIError(422, "; ".join(parts), first or None).body(), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": name, "running": len(engine.running), "waiting": len(engine.waiting),
+                "engine": engine.stats()}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "pfengine",
+                                            "max_model_len": engine.max_len}]}
+
+    def check_model(body: _Body) -> None:
+        if body.model is not None and body.model != name:
+            raise APIError(404, f"model: the model {body.model!r} does not exist; this server serves {name!r}",
+                           "model", "model_not_found")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, http: HTTPRequest):
+        check_model(body)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not prompts:
+            raise APIError(400, "prompt: must not be empty", "prompt")
+        if body.stream and len(prompts) > 1:
+            raise APIError(400, "prompt: streaming takes a single prompt", "prompt")
+        jobs = [build_job(engine, p, body, body.max_tokens, plain_max_tokens=16) for p in prompts]
+        if body.stream:
+            return await _stream(engine, aengine, http, jobs[0], name, chat=False,
+                                 include_usage=bool((body.stream_options or {}).get("include_usage")))
+        results = await _run_all(aengine, http, jobs)
+        choices = []
+        for k, (job, result) in enumerate(zip(jobs, results)):
+            for j, (text, reason, _) in enumerate(_choices(engine, job, result)):
+                choices.append({"index": k * body.n + j, "text": text, "logprobs": None, "finish_reason": reason})
+        out = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+               "model": name, "choices": choices, "usage": _usage(jobs, results)}
+        if not jobs[0].plain:
+            exts = [_extension(j, r) for j, r in zip(jobs, results)]
+            out["pfengine"] = exts[0] if isinstance(body.prompt, str) else exts
+        return out
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody, http: HTTPRequest):
+        check_model(body)
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            raise APIError(400, "max_completion_tokens: give max_tokens or max_completion_tokens, not both",
+                           "max_completion_tokens")
+        try:
+            prompt = chat_prompt(engine.tokenizer, [m.model_dump() for m in body.messages],
+                                 body.continue_final_message, body.add_generation_prompt)
+        except (ValueError, TypeError) as e:
+            raise APIError(400, str(e) if str(e).startswith(("messages", "continue")) else f"messages: {e}",
+                           "messages") from None
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        job = build_job(engine, prompt, body, max_tokens, plain_max_tokens=SamplingParams().max_tokens)
+        if body.stream:
+            return await _stream(engine, aengine, http, job, name, chat=True,
+                                 include_usage=bool((body.stream_options or {}).get("include_usage")))
+        result = (await _run_all(aengine, http, [job]))[0]
+        choices = [{"index": j, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": reason} for j, (text, reason, _) in enumerate(_choices(engine, job, result))]
+        out = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+               "model": name, "choices": choices, "usage": _usage([job], [result])}
+        if not job.plain:
+            out["pfengine"] = _extension(job, result)
+        return out
+
+    return app
+
+
+def _engine_error(e: BaseException) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, OutOfBlocks):
+        return APIError(400, f"the request does not fit in the KV cache: {e}", None, "kv_cache_exhausted")
+    if isinstance(e, (ValueError, TypeError)):
+        message = str(e)
+        code = "kv_cache_exhausted" if "KV blocks" in message or "KV cache" in message else None
+        param = message.split(":")[0] if ":" in message and " " not in message.split(":")[0] else None
+        return APIError(400, message, param, code)
+    log.exception("engine failure", exc_info=e)
+    return APIError(500, f"engine failure: {type(e).__name__}: {e}", kind="server_error")
+
+
+async def _run_all(aengine: AsyncEngine, http: HTTPRequest, jobs: list[Job]) -> list[PFResult]:
+    """Run the jobs concurrently; a client that goes away cancels them (which aborts them in the
+    engine and frees their blocks)."""
+    tasks = [asyncio.ensure_future(aengine.agenerate(j.request)) for j in jobs]
+    everything = asyncio.gather(*tasks)
+    try:
+        while True:
+            done, _ = await asyncio.wait({everything}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                break
+            if await http.is_disconnected():
+                raise APIError(499, "client disconnected", code="client_disconnected")
+        return everything.result()
+    except BaseException as e:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if isinstance(e, Exception):
+            raise _engine_error(e) from None
+        raise
+
+
+async def _stream(engine: Engine, aengine: AsyncEngine, http: HTTPRequest, job: Job, name: str, chat: bool,
+                  include_usage: bool) -> StreamingResponse:
+    events = aengine.astream(job.request)
+    first = asyncio.ensure_future(events.__anext__())
+    await asyncio.sleep(0)  # runs add_request: a bad request fails here, before any byte is sent
+    if first.done() and first.exception() is not None:
+        await events.aclose()
+        raise _engine_error(first.exception())
+    return StreamingResponse(_sse(engine, events, first, job, name, chat, include_usage),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _sse(engine: Engine, events: AsyncIterator[Event], first: asyncio.Future, job: Job, name: str, chat: bool,
+               include_usage: bool) -> AsyncIterator[str]:
+    cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    n_out = job.n if not job.plain else job.request.search.n_particles
+    sent = [""] * n_out
+
+    def chunk(deltas: dict[int, str], finish: dict[int, str] | None = None, ext: dict | None = None,
+              usage: dict | None = None, role: bool = False) -> str:
+        finish = finish or {}
+        choices = []
+        for i in sorted(set(deltas) | set(finish)):
+            if chat:
+                delta = {"role": "assistant", "content": deltas.get(i, "")} if role else {"content": deltas.get(i, "")}
+                choices.append({"index": i, "delta": delta, "logprobs": None, "finish_reason": finish.get(i)})
+            else:
+                choices.append({"index": i, "text": deltas.get(i, ""), "logprobs": None, "finish_reason": finish.get(i)})
+        body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk" if chat else "text_completion",
+                                "created": created, "model": name, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        if ext is not None:
+            body["pfengine"] = ext
+        return f"data: {_json(body)}\n\n"
+
+    def advance(i: int, text: str) -> str:
+        if text.startswith(sent[i]) and len(text) > len(sent[i]):
+            delta, sent[i] = text[len(sent[i]):], text
+            return delta
+        return ""
+
+    search = job.request.search
+    rounds = 0
+    try:
+        if chat:
+            yield chunk({i: "" for i in range(n_out)}, role=True)
+        event = await first
+        while True:
+            if event.result is None and event.trace is not None:
+                rounds += 1
+                tr = event.trace
+                if job.plain:
+                    deltas = {i: advance(i, stream_safe(_decode(engine, t), job.stops, job.include_stop))
+                              for i, t in enumerate(tr.tokens)}
+                    yield chunk({i: d for i, d in deltas.items() if d} or {0: ""})
+                else:
+                    settled = search.method != "beam_search" and tr.sweep == search.iterations - 1
+                    delta = ""
+                    if settled:
+                        alive = [tr.tokens[a] for a in tr.ancestors] if tr.ancestors is not None else tr.tokens
+                        delta = advance(0, stream_safe(_decode(engine, common_prefix(alive)), job.stops,
+                                                       job.include_stop))
+                    yield chunk({0: delta}, ext=_round_info(engine, tr, rounds))
+            if event.result is not None:
+                result = event.result
+                deltas, finish = {}, {}
+                for j, (text, reason, _) in enumerate(_choices(engine, job, result)):
+                    if not text.startswith(sent[j]):
+                        log.warning("streamed text of choice %d is not a prefix of the final text", j)
+                    deltas[j], finish[j] = text[len(sent[j]):] if text.startswith(sent[j]) else "", reason
+                    sent[j] = text
+                ext = None if job.plain else _extension(job, result) | {"answer": sent[0]}
+                yield chunk(deltas, finish, ext=ext)
+                if include_usage:
+                    yield chunk({}, usage=_usage([job], [result]))
+                break
+            event = await events.__anext__()
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # the stream has started: report the error in-band, then end it
+        err = _engine_error(e)
+        yield f"data: {_json(err.body())}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        if not first.done():
+            first.cancel()  # the cancellation reaches the engine stream, which aborts the request
+        else:
+            try:
+                await events.aclose()  # aborts the request (frees its blocks) unless it finished
+            except RuntimeError:  # still running in another task: cancelled along with it
+                pass
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
+          log_level: str = "info") -> None:
+    """Run the server in the foreground (``pfengine serve``)."""
+    import uvicorn
+
+    uvicorn.run(create_app(engine, served_model_name), host=host, port=port, log_level=log_level)

@@ -1,0 +1,208 @@
+"""A synthetic multi-step arithmetic task whose every step can be checked by a program.
+
+A problem is a start number and 3-6 additions / subtractions of 2-3 digit operands::
+
+    Start with 47. Add 385. Subtract 129. Add 56. What is the result?
+
+Its solution applies one operation per step; steps are separated by ``"\\n\\n"``::
+
+    47 + 385 = 432
+
+    432 - 129 = 303
+
+    303 + 56 = 359
+
+    The answer is \\boxed{359}.
+
+Running values stay in ``[0, 999]`` (an operation that would leave that range is never drawn), so
+every intermediate result has at most three digits. Train and held-out problems are disjoint by
+construction: a problem belongs to the held-out split iff a hash of its text says so, and each
+generator only yields problems of its own split.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass, field
+
+STEP_SEP = "\n\n"
+MIN_OPS, MAX_OPS = 3, 6
+MAX_VALUE = 999
+HELDOUT_EVERY = 8
+"""One problem in this many (by text hash) is held out."""
+OP_WORD = {"+": "Add", "-": "Subtract"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    start: int
+    ops: tuple[tuple[str, int], ...]
+    """``("+" | "-", operand)`` in order."""
+
+    @property
+    def text(self) -> str:
+        parts = [f"Start with {self.start}."] + [f"{OP_WORD[op]} {x}." for op, x in self.ops]
+        return " ".join(parts) + " What is the result?"
+
+    def values(self) -> list[int]:
+        """The running value after 0, 1, ..., len(ops) operations."""
+        vals = [self.start]
+        for op, x in self.ops:
+            vals.append(vals[-1] + x if op == "+" else vals[-1] - x)
+        return vals
+
+    @property
+    def answer(self) -> int:
+        return self.values()[-1]
+
+    def steps(self) -> list[str]:
+        """The reference solution's steps (without separators)."""
+        vals = self.values()
+        steps = [f"{vals[i]} {op} {x} = {vals[i + 1]}" for i, (op, x) in enumerate(self.ops)]
+        return steps + [f"The answer is \\boxed{{{self.answer}}}."]
+
+    @property
+    def solution(self) -> str:
+        return STEP_SEP.join(self.steps())
+
+    def messages(self) -> list[dict]:
+        return [{"role": "user", "content": self.text}]
+
+    @property
+    def split(self) -> str:
+        return split_of(self.text)
+
+
+def split_of(text: str) -> str:
+    h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+    return "heldout" if h % HELDOUT_EVERY == 0 else "train"
+
+
+def random_problem(rng: random.Random, n_ops: int | None = None) -> Problem:
+    """Start in [10, 999]; each operand has 2 or 3 digits (equally likely) and keeps the running
+    value in [0, MAX_VALUE]; the operation is drawn among those that can."""
+    n = n_ops if n_ops is not None else rng.randint(MIN_OPS, MAX_OPS)
+    value = rng.randint(10, MAX_VALUE)
+    start, ops = value, []
+    for _ in range(n):
+        while True:
+            lo, hi = (10, 99) if rng.random() < 0.5 else (100, 999)
+            feasible = [op for op in "+-" if (value + lo <= MAX_VALUE if op == "+" else value - lo >= 0)]
+            if feasible:
+                break
+        op = rng.choice(feasible)
+        top = min(hi, MAX_VALUE - value) if op == "+" else min(hi, value)
+        x = rng.randint(lo, top)
+        value = value + x if op == "+" else value - x
+        ops.append((op, x))
+    return Problem(start, tuple(ops))
+
+
+def problems(split: str, seed: int, n: int | None = None, n_ops: int | None = None):
+    """Problems of one split (``"train"`` or ``"heldout"``), reproducible from ``seed``; endless when
+    ``n`` is None. Duplicates within a finite set are skipped. ``n_ops`` fixes the number of
+    operations (default: uniform in 3..6)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    rng = random.Random(f"{split}:{seed}" + (f":{n_ops}" if n_ops is not None else ""))
+    seen: set[str] = set()
+    made = 0
+    while n is None or made < n:
+        p = random_problem(rng, n_ops)
+        if p.split != split or (n is not None and p.text in seen):
+            continue
+        if n is not None:
+            seen.add(p.text)
+        made += 1
+        yield p
+
+
+def heldout_set(n: int = 200, seed: int = 1234) -> list[Problem]:
+    return list(problems("heldout", seed, n))
+
+
+PROBLEM_RE = re.compile(r"Start with (\d+)\.((?: (?:Add|Subtract) \d+\.)+) What is the result\?")
+
+
+def parse_problem(text: str) -> Problem:
+    m = PROBLEM_RE.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"not a problem of this task: {text!r}")
+    ops = tuple(("+" if w == "Add" else "-", int(x)) for w, x in re.findall(r"(Add|Subtract) (\d+)\.", m.group(2)))
+    return Problem(int(m.group(1)), ops)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking generated solutions
+# ---------------------------------------------------------------------------------------------
+
+STEP_RE = re.compile(r"(-?\d+) ([+-]) (\d+) = (-?\d+)")
+ANSWER_RE = re.compile(r"The answer is \\boxed\{(-?\d+)\}\.")
+BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+@dataclass
+class Check:
+    """The verdict on one generated solution."""
+
+    step_ok: list[bool] = field(default_factory=list)
+    """Per generated step: the prefix up to and including it is still correct (prefix semantics:
+    once a step is wrong, every later step is labelled wrong too)."""
+    answer: int | None = None
+    """The integer in the last ``\\boxed{}``, if any."""
+    correct: bool = False
+    """Every step right, and the answer step is the last one with the right number."""
+
+
+def split_steps(solution: str) -> list[str]:
+    """Steps as the engine cuts them: at each ``"\\n\\n"``; empty trailing pieces are dropped."""
+    parts = solution.split(STEP_SEP)
+    return [p for p in parts if p.strip()] if parts else []
+
+
+def extract_answer(text: str) -> int | None:
+    """The last ``\\boxed{...}`` in ``text`` as an integer, or None."""
+    found = BOXED_RE.findall(text)
+    if not found:
+        return None
+    try:
+        return int(found[-1].strip())
+    except ValueError:
+        return None
+
+
+def check_step(problem: Problem, index: int, step: str) -> bool:
+    """Is ``step`` the correct ``index``-th step (0-based) of the reference solution, assuming all
+    earlier steps were correct? The left operand must be the correct running value, the operation
+    and operand must be the problem's next ones, and the arithmetic right. The step after the last
+    operation must state the answer."""
+    step = step.strip()
+    vals = problem.values()
+    if index < len(problem.ops):
+        m = STEP_RE.fullmatch(step)
+        if not m:
+            return False
+        a, op, x, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+        want_op, want_x = problem.ops[index]
+        return a == vals[index] and op == want_op and x == want_x and c == vals[index + 1]
+    if index == len(problem.ops):
+        m = ANSWER_RE.fullmatch(step)
+        return bool(m) and int(m.group(1)) == problem.answer
+    return False
+
+
+def check_steps(problem: Problem, steps: list[str]) -> Check:
+    """Prefix-correctness labels for already-split steps (the engine's ``ParticleResult.steps``)."""
+    labels, ok = [], True
+    for i, s in enumerate(steps):
+        ok = ok and check_step(problem, i, s)
+        labels.append(ok)
+    answer = extract_answer(steps[-1]) if steps else None
+    correct = bool(labels) and all(labels) and len(steps) == len(problem.ops) + 1
+    return Check(step_ok=labels, answer=answer, correct=correct)
+
+
+def check_solution(problem: Problem, solution: str) -> Check:
+    """Check a generated solution text (special tokens already stripped)."""
+    return check_steps(problem, split_steps(solution))
