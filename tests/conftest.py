@@ -12,7 +12,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from pfengine.random_model import save_random_model, save_random_prm, save_value_head  # noqa: E402
 
@@ -27,6 +26,18 @@ CHECKPOINTS = {
     "llama-tied": dict(arch="llama", tie=True, num_kv_heads=1),
     "mistral-gqa": dict(arch="mistral", sliding_window=None),
 }
+
+
+@pytest.fixture(autouse=True)
+def _triton_path(request, monkeypatch):
+    """Tests marked ``triton`` run the kernels on their Triton path (interpreted on CPU). Set per
+    test, not at import, so every other test keeps the default path."""
+    if request.node.get_closest_marker("triton") is None:
+        return
+    triton = pytest.importorskip("triton")
+    if not torch.cuda.is_available() and type(triton.language.standard.zeros).__name__ != "InterpretedFunction":
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set", pytrace=False)
+    monkeypatch.setenv("PFENGINE_TRITON", "1")
 
 
 @pytest.fixture(scope="session")

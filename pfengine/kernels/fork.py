@@ -45,15 +45,19 @@ def fork(tables: torch.Tensor, lens: torch.Tensor, ref_counts: torch.Tensor, fre
     return fork_ref(tables, lens, ref_counts, free_stack, num_free, rows, ancestors, writes, block_size)
 
 
+def _empty_result(m: int, dev: torch.device) -> ForkResult:
+    """No pairs yet (-1 padded), no copies, nothing missing."""
+    return ForkResult(torch.full((2, m), -1, dtype=torch.int64, device=dev),
+                      torch.zeros(1, dtype=torch.int64, device=dev), torch.zeros(1, dtype=torch.int64, device=dev))
+
+
 def fork_ref(tables: torch.Tensor, lens: torch.Tensor, ref_counts: torch.Tensor, free_stack: torch.Tensor,
              num_free: torch.Tensor, rows: torch.Tensor, ancestors: torch.Tensor, writes: torch.Tensor,
              block_size: int) -> ForkResult:
     B = block_size
     dev = tables.device
     m = rows.numel()
-    pairs = torch.full((2, m), -1, dtype=torch.int64, device=dev)
-    num_cow = torch.zeros(1, dtype=torch.int64, device=dev)
-    missing = torch.zeros(1, dtype=torch.int64, device=dev)
+    pairs, num_cow, missing = _empty_result(m, dev)
     if m == 0:
         return ForkResult(pairs, num_cow, missing)
     rows = rows.long()
@@ -120,9 +124,7 @@ def fork_triton(tables: torch.Tensor, lens: torch.Tensor, ref_counts: torch.Tens
     """
     dev = tables.device
     m = rows.numel()
-    pairs = torch.full((2, m), -1, dtype=torch.int64, device=dev)
-    num_cow = torch.zeros(1, dtype=torch.int64, device=dev)
-    missing = torch.zeros(1, dtype=torch.int64, device=dev)
+    pairs, num_cow, missing = _empty_result(m, dev)
     if m == 0:
         return ForkResult(pairs, num_cow, missing)
     assert ref_counts.is_contiguous() and free_stack.is_contiguous() and lens.is_contiguous()
