@@ -126,7 +126,7 @@ class Engine:
         at_barrier = [r for r in self.running if all(p.step_done or p.finished for p in r.particles)]
         if not at_barrier:
             return events
-        finish_round(at_barrier, self.prm, self.runners, self._decode_text)
+        finish_round(at_barrier, self.prm, self.runners, self.detokenize)
         events += [Event(r.id, r.trace[-1]) for r in at_barrier]
         for r in [r for r in at_barrier if r.done]:
             self.running.remove(r)
@@ -334,13 +334,13 @@ class Engine:
             text = self._token_text[token] = self.tokenizer.decode([token])
         return text
 
-    def _decode_text(self, tokens: list[int]) -> str:
+    def detokenize(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def _finish(self, r: RequestState) -> PFResult:
         self._release(r)
         r.stats.seconds = time.perf_counter() - r.started
-        return results.build(r, self._decode_text)
+        return results.build(r, self.detokenize)
 
 
 def _load_tokenizer(path: str, vocab_size: int | None = None):
