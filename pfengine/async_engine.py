@@ -1,10 +1,11 @@
-"""Many concurrent clients on one Engine: a background task steps the engine in a worker thread and
-routes each request's events to its own queue. Requests submitted at any time join the running
-decode batch at the next round boundary (continuous batching), and each sees only its own events."""
+"""Many concurrent clients on one Engine: one worker thread owns the engine (so every add, step and
+abort is serialised without blocking the event loop) and routes each request's events to its own
+queue. Requests submitted at any time join the running decode batch at the next round boundary
+(continuous batching), and each sees only its own events."""
 from __future__ import annotations
 
 import asyncio
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 from pfengine.config import Request
@@ -15,19 +16,19 @@ from pfengine.state import Event, PFResult
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pfengine-engine")
         self._queues: dict[int, asyncio.Queue[Event]] = {}
         self._task: asyncio.Task | None = None
 
     async def astream(self, request: Request) -> AsyncIterator[Event]:
         """Events of one request as its rounds finish; the last carries the result. Leaving the
         iteration early (a client disconnect) aborts the request and frees its blocks."""
-        with self._lock:
-            rid = self.engine.add_request(request)  # bad input raises here, before anything runs
+        loop = asyncio.get_running_loop()
+        rid = await loop.run_in_executor(self._worker, self.engine.add_request, request)  # bad input raises here
         queue: asyncio.Queue[Event] = asyncio.Queue()
         self._queues[rid] = queue
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = loop.create_task(self._run())
         finished = False
         try:
             while not finished:
@@ -40,8 +41,7 @@ class AsyncEngine:
         finally:
             self._queues.pop(rid, None)
             if not finished:
-                with self._lock:
-                    self.engine.abort(rid)
+                self._worker.submit(self.engine.abort, rid)  # between two steps, off the event loop
 
     async def agenerate(self, request: Request) -> PFResult:
         async for event in self.astream(request):
@@ -49,22 +49,27 @@ class AsyncEngine:
                 return event.result
         raise RuntimeError("request ended without a result")
 
+    async def flush(self) -> None:
+        """Wait until everything submitted to the engine's worker so far (aborts included) is done."""
+        await asyncio.get_running_loop().run_in_executor(self._worker, lambda: None)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while self.engine.has_work:
+        while True:
             try:
-                events = await loop.run_in_executor(None, self._step)
+                events = await loop.run_in_executor(self._worker, self._step)
             except Exception as error:  # an engine fault fails the requests in flight, not the server
                 for rid, queue in list(self._queues.items()):
                     queue.put_nowait(Event(rid, None, error=error))
-                    with self._lock:
-                        self.engine.abort(rid)
+                    self._worker.submit(self.engine.abort, rid)
+                return
+            if events is None:
                 return
             for event in events:
                 queue = self._queues.get(event.request_id)
                 if queue is not None:
                     queue.put_nowait(event)
 
-    def _step(self) -> list[Event]:
-        with self._lock:
-            return self.engine.step()
+    def _step(self) -> list[Event] | None:
+        """One engine step, or None when there is nothing left to do (checked on the worker thread)."""
+        return self.engine.step() if self.engine.has_work else None

@@ -1,89 +1,405 @@
-"""``pfengine demo`` and ``pfengine generate``."""
+"""The ``pfengine`` command: ``demo``, ``generate``, ``serve``, ``bench`` and ``profile``.
+
+Heavy imports (the engine, transformers, uvicorn, the profiler) happen inside the subcommands, so
+``pfengine --help`` is quick."""
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
+import statistics
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pfengine.config import EngineConfig, SearchParams, Request, SamplingParams
-from pfengine.engine import Engine
-from pfengine.state import PFResult
+from pfengine.config import AGGREGATIONS, KV_DTYPES, METHODS, RESAMPLING, SELECTIONS
+
+if TYPE_CHECKING:
+    from pfengine.config import Request
+    from pfengine.engine import Engine
+    from pfengine.state import PFResult
 
 DEMO_DIR = Path(".cache/demo-model")
 DEMO_PROMPT = "Step 1: add 17 and 25."
 
+PROFILE_SORTS = {"self_cpu_time_total": lambda e: e.self_cpu_time_total,
+                 "cpu_time_total": lambda e: e.cpu_time_total, "count": lambda e: e.count}
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pfengine", description="Particle filtering at inference time.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run PF on the default model and print the answer and particle weights")
-    gen = sub.add_parser("generate", help="run PF on a prompt with a local checkpoint")
-    gen.add_argument("--model", required=True, help="local Hugging Face checkpoint directory (the policy)")
-    gen.add_argument("--prm", help="PRM directory (Qwen2.5-Math-PRM layout) or value-head .safetensors file")
-    gen.add_argument("--prompt", required=True, help="the problem text")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
-    for p in (demo, gen):
-        p.add_argument("--particles", type=int, default=8, help="number of particles N (default 8)")
-        p.add_argument("--temperature", type=float, default=0.8, help="policy sampling temperature (default 0.8)")
-        p.add_argument("--max-steps", type=int, default=6, help="steps per particle before it is stopped")
-        p.add_argument("--max-step-tokens", type=int, default=24, help="tokens per step before it is cut")
-        p.add_argument("--aggregation", default="model", choices=["model", "last", "prod", "min"],
-                       help="how step scores combine into a weight (default: model, the paper's best)")
-        p.add_argument("--resampling", default="systematic", choices=["systematic", "multinomial"])
-        p.add_argument("--seed", type=int, default=0, help="request seed: same seed, same particles")
-        p.add_argument("--json", action="store_true", help="print the result as JSON")
+DESCRIPTION = """\
+Particle filtering at inference time: N partial solutions grow one reasoning step at a time, a
+process reward model (PRM) scores each step, and the particles are resampled by weight -- all of
+them in one paged, copy-on-write KV cache.
+
+Run `pfengine COMMAND --help` for the options of a command."""
+
+
+def _escapes(text: str) -> str:
+    """Command-line text with backslash escapes (``\\n``) interpreted."""
+    return codecs.decode(text, "unicode_escape")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_engine_options(p: argparse.ArgumentParser, model_required: bool) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", required=model_required, metavar="DIR",
+                   help="local Hugging Face checkpoint directory of the policy (config.json, safetensors, "
+                        "tokenizer.json)" + ("" if model_required else "; default: the demo's random model"))
+    g.add_argument("--prm", metavar="PATH",
+                   help="process reward model: a PRM directory (Qwen2.5-Math-PRM layout) or a value-head "
+                        ".safetensors file for the policy; needed by every method but greedy and self_consistency")
+    g.add_argument("--num-blocks", type=int, default=2048,
+                   help="KV-cache blocks per model (policy and PRM each); memory = blocks x block size x layers "
+                        "x KV heads x head dim x 2 (default 2048)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block, a power of two (default 16)")
+    g.add_argument("--kv-dtype", default="float32", choices=sorted(KV_DTYPES),
+                   help="storage type of the KV cache (compute is fp32 on CPU; default float32)")
+    g.add_argument("--max-particles", type=int, default=1024,
+                   help="cache rows: the most particles of all requests alive at once (default 1024)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="cap on prompt + generated tokens (default: the model's max_position_embeddings)")
+
+
+def _add_request_options(p: argparse.ArgumentParser, max_steps: int = 6, max_step_tokens: int = 24) -> None:
+    s = p.add_argument_group("search")
+    s.add_argument("--method", default="particle_filter", choices=METHODS,
+                   help="search method (default particle_filter); greedy and self_consistency need no PRM")
+    s.add_argument("--particles", type=int, default=8,
+                   help="budget N: particles (PF, PG in total over all sweeps, PT over all chains), samples "
+                        "(best-of-N, self-consistency) or beams (beam search, DVTS) (default 8)")
+    s.add_argument("--aggregation", default="model", choices=AGGREGATIONS,
+                   help="how step scores make a particle's weight: model (the PRM reads the whole prefix; "
+                        "the paper's best), last, prod or min (default model)")
+    s.add_argument("--resampling", default="systematic", choices=RESAMPLING,
+                   help="resampling scheme (default systematic)")
+    s.add_argument("--weight-temperature", type=float, default=1.0,
+                   help="softmax temperature on the log-weights logit(r) (default 1.0)")
+    s.add_argument("--ess-threshold", type=float, default=1.0,
+                   help="resample only when ESS < threshold x N; 1.0 resamples every round (default 1.0)")
+    s.add_argument("--finished", default="freeze", choices=["freeze", "remove"],
+                   help="finished particles keep their weight in resampling (freeze) or leave the pool (remove)")
+    s.add_argument("--selection", default="argmax", choices=SELECTIONS,
+                   help="final answer: highest weight, a draw by weight, or the weighted majority vote")
+    s.add_argument("--annealing", action="store_true",
+                   help="entropic annealing: temper the weights while ESS/N < 0.5 early in the run")
+    s.add_argument("--iterations", type=int, default=1, help="particle Gibbs sweeps (default 1)")
+    s.add_argument("--temperatures", type=_floats, default=(1.0, 2.0), metavar="T1,T2,...",
+                   help="parallel tempering: one chain per weight temperature (default 1,2)")
+    s.add_argument("--beam-width", type=int, default=4,
+                   help="beam search: keep N/M, expand each M ways; DVTS: N/M subtrees of width M (default 4)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=0.8,
+                   help="policy sampling temperature; 0 is greedy (default 0.8)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    g.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0: off)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="request seed: the same seed gives the same particles (default 0)")
+    g.add_argument("--max-steps", type=int, default=max_steps, help=f"steps per particle (default {max_steps})")
+    g.add_argument("--max-step-tokens", type=int, default=max_step_tokens,
+                   help=f"a step is cut after this many tokens without its delimiter (default {max_step_tokens})")
+    g.add_argument("--max-tokens", type=int, default=2048, help="generated tokens per particle (default 2048)")
+    g.add_argument("--step-delimiter", type=_escapes, default="\n\n",
+                   help=r"text that ends a step, backslash escapes allowed (default '\n\n')")
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn on stderr)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pfengine", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="particle filtering on a small random-weight model",
+                          description="Build (once) a small random-weight Qwen2 checkpoint and a value-head PRM in "
+                                      f"{DEMO_DIR}, run one request on it and print the rounds, the particles and "
+                                      "the answer. Its text is noise: the weights are random.")
+    _add_request_options(demo)
+    _add_output_options(demo)
+
+    gen = sub.add_parser("generate", help="solve one prompt with a local checkpoint",
+                         description="Run one request to completion and print the answer with a table of the "
+                                     "particles (weight, PRM score, steps, text), or everything as JSON.")
+    _add_engine_options(gen, model_required=True)
+    gen.add_argument("--prompt", required=True, help="the problem text ('-' reads it from stdin)")
+    gen.add_argument("--chat", action="store_true",
+                     help="send the prompt as a user message through the model's chat template")
+    _add_request_options(gen)
+    _add_output_options(gen)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
+                         description="Serve one engine over HTTP: GET /v1/models, POST /v1/completions, POST "
+                                     "/v1/chat/completions (stream: true for SSE), GET /health. Plain requests are "
+                                     "ordinary completions (n samples); the extension object "
+                                     "\"search\": {\"method\": \"particle_filter\", \"particles\": 16, ...} selects a "
+                                     "search method. See pfengine/server.py for the schema.")
+    _add_engine_options(srv, model_required=True)
+    g = srv.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    g.add_argument("--served-model-name", help="model id clients send and /v1/models lists (default: --model)")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level (default info)")
+
+    bench = sub.add_parser("bench", help="time N requests of one shape and report tokens/s",
+                           description="Submit --requests requests of the same shape (up to --concurrency in flight; "
+                                       "they batch together), run them to completion and report generated tokens/s, "
+                                       "tokens forwarded/s and request latencies. A warm-up request runs first.")
+    _add_engine_options(bench, model_required=False)
+    g = bench.add_argument_group("workload")
+    g.add_argument("--requests", type=int, default=8, help="number of requests (default 8)")
+    g.add_argument("--concurrency", type=int, default=0, help="requests in flight at once (default 0: all)")
+    g.add_argument("--prompt", default=DEMO_PROMPT, help="prompt of every request (each gets its own seed)")
+    g.add_argument("--warmup", type=int, default=1, help="untimed requests first (default 1)")
+    _add_request_options(bench, max_steps=4, max_step_tokens=16)
+    _add_output_options(bench)
+
+    prof = sub.add_parser("profile", help="profile one request with torch.profiler",
+                          description="Run one request under torch.profiler (after an unprofiled warm-up), write a "
+                                      "Chrome trace JSON (open it in Perfetto, https://ui.perfetto.dev, or "
+                                      "chrome://tracing) and "
+                                      "print the top operators. Kernel launches are labelled pfengine::<kernel>.")
+    _add_engine_options(prof, model_required=False)
+    g = prof.add_argument_group("profile")
+    g.add_argument("--prompt", default=DEMO_PROMPT, help="the request's prompt")
+    g.add_argument("--out", default="pfengine-trace.json",
+                   help="Chrome trace file to write, for Perfetto or chrome://tracing (default pfengine-trace.json)")
+    g.add_argument("--row-limit", type=int, default=20, help="rows of the top-operators table (default 20)")
+    g.add_argument("--sort", default="self_cpu_time_total", choices=sorted(PROFILE_SORTS),
+                   help="column the table is sorted by (default self_cpu_time_total)")
+    g.add_argument("--record-shapes", action="store_true", help="record input shapes (larger trace)")
+    g.add_argument("--warmup", type=int, default=1, help="unprofiled runs first (default 1)")
+    _add_request_options(prof, max_steps=4, max_step_tokens=16)
+    _add_output_options(prof)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        model, prm, prompt = _demo_checkpoint(), None, DEMO_PROMPT
-        prm = str(DEMO_DIR / "value_head.safetensors")
-    else:
-        model, prm, prompt = args.model, args.prm, args.prompt
-        if args.chat:
-            prompt = [{"role": "user", "content": prompt}]
-    engine = Engine(EngineConfig(model=model, prm=prm, num_blocks=2048))
-    request = Request(prompt=prompt,
-                      sampling=SamplingParams(temperature=args.temperature, seed=args.seed, max_steps=args.max_steps,
-                                              max_step_tokens=args.max_step_tokens),
-                      search=SearchParams(n_particles=args.particles, aggregation=args.aggregation,
-                                  resampling=args.resampling))
-    start = time.perf_counter()
-    result = engine.generate([request])[0]
-    seconds = time.perf_counter() - start
-    if args.json:
-        print(json.dumps(asdict(result) | {"engine": engine.stats()}, indent=1))
-        return
-    print_result(result, engine.stats(), seconds)
+    from pfengine.model.checkpoint import CheckpointError
+
+    try:
+        return {"demo": cmd_demo, "generate": cmd_generate, "serve": cmd_serve, "bench": cmd_bench,
+                "profile": cmd_profile}[args.command](args)
+    except (ValueError, TypeError, CheckpointError) as e:
+        print(f"pfengine {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
-def _demo_checkpoint() -> str:
+# ------------------------------------------------------------------------------------------------
+# Building engines and requests from options
+
+
+def make_engine(args: argparse.Namespace) -> Engine:
+    from pfengine.config import EngineConfig
+    from pfengine.engine import Engine
+
+    model, prm = getattr(args, "model", None), getattr(args, "prm", None)
+    if model is None:
+        model = _demo_checkpoint(quiet=args.json)
+        prm = prm or str(DEMO_DIR / "value_head.safetensors")
+    return Engine(EngineConfig(model=model, prm=prm, num_blocks=getattr(args, "num_blocks", 2048),
+                               block_size=getattr(args, "block_size", 16),
+                               kv_dtype=getattr(args, "kv_dtype", "float32"),
+                               max_particles=getattr(args, "max_particles", 1024),
+                               max_model_len=getattr(args, "max_model_len", None)))
+
+
+def make_request(args: argparse.Namespace, prompt: str | list[dict], seed: int | None = None) -> Request:
+    from pfengine.config import Request, SamplingParams, SearchParams
+
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              seed=args.seed if seed is None else seed, max_steps=args.max_steps,
+                              max_step_tokens=args.max_step_tokens, max_tokens=args.max_tokens,
+                              step_delimiter=args.step_delimiter)
+    search = SearchParams(method=args.method, n_particles=args.particles, aggregation=args.aggregation,
+                          resampling=args.resampling, weight_temperature=args.weight_temperature,
+                          ess_threshold=args.ess_threshold, finished=args.finished, selection=args.selection,
+                          annealing=args.annealing, iterations=args.iterations, temperatures=tuple(args.temperatures),
+                          beam_width=args.beam_width)
+    return Request(prompt=prompt, sampling=sampling, search=search)
+
+
+def _progress(total: int | None, desc: str, unit: str, disable: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr, leave=False, dynamic_ncols=True,
+                delay=0.5)
+
+
+def run_with_progress(engine: Engine, request: Request, disable: bool = False) -> PFResult:
+    """Run one request, a progress bar advancing per finished round."""
+    rounds = request.sampling.max_steps * request.search.iterations
+    with _progress(rounds, f"{request.search.method} x{request.search.n_particles}", "round", disable) as bar:
+        for event in engine.stream(request):
+            if event.trace is not None:
+                bar.update(1)
+                bar.set_postfix(ess=f"{event.trace.ess:.2f}", tokens=sum(len(t) for t in event.trace.tokens))
+            if event.result is not None:
+                return event.result
+    raise RuntimeError("request ended without a result")
+
+
+def _demo_checkpoint(quiet: bool = False) -> str:
     from pfengine.random_model import save_random_model, save_value_head
 
+    out = sys.stderr if quiet else sys.stdout
     if not (DEMO_DIR / "value_head.safetensors").is_file():
         print(f"Building a random-weight Qwen2 checkpoint in {DEMO_DIR} (no trained model is bundled yet; "
-              "its text is noise, but it loads and runs through the same path as any HF checkpoint).")
+              "its text is noise, but it loads and runs through the same path as any HF checkpoint).", file=out)
         save_random_model(DEMO_DIR, "qwen2", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2)
         save_value_head(DEMO_DIR / "value_head.safetensors", 128)
-    print(f"Model: {DEMO_DIR} (random weights) + value-head PRM {DEMO_DIR / 'value_head.safetensors'}")
+    print(f"Model: {DEMO_DIR} (random weights) + value-head PRM {DEMO_DIR / 'value_head.safetensors'}", file=out)
     return str(DEMO_DIR)
 
 
+# ------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.model, args.prm = None, None
+    return _generate(args, make_engine(args), DEMO_PROMPT)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    engine = make_engine(args)
+    return _generate(args, engine, [{"role": "user", "content": prompt}] if args.chat else prompt)
+
+
+def _generate(args: argparse.Namespace, engine: Engine, prompt: str | list[dict]) -> int:
+    request = make_request(args, prompt)
+    start = time.perf_counter()
+    result = run_with_progress(engine, request, disable=args.no_progress)
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps(asdict(result) | {"seconds": seconds, "engine": engine.stats()}, indent=1))
+    else:
+        print_result(result, engine.stats(), seconds)
+    return 0
+
+
 def print_result(result: PFResult, stats: dict[str, int], seconds: float) -> None:
-    print("\nRounds (score -> weights -> resample):")
-    print(f"{'round':>5} {'ESS':>6}  ancestors")
-    for k, tr in enumerate(result.trace):
-        print(f"{k + 1:>5} {tr.ess:>6.2f}  {tr.ancestors if tr.ancestors is not None else '(all finished: kept)'}")
-    print("\nParticles:")
-    print(f"{'#':>3} {'weight':>7} {'score':>6} {'steps':>5}  text")
+    if result.trace:
+        print("\nRounds (score -> weights -> resample):")
+        print(f"{'round':>5} {'sweep':>5} {'ESS':>6}  ancestors")
+        for k, tr in enumerate(result.trace):
+            anc = tr.ancestors if tr.ancestors is not None else "(not resampled)"
+            print(f"{k + 1:>5} {tr.sweep:>5} {tr.ess:>6.2f}  {anc}")
+    print(f"\nParticles ({result.method}; * = chosen):")
+    print(f"{'#':>3}  {'weight':>7} {'score':>6} {'steps':>5} {'tokens':>6} {'done':>4} {'answer':>8}  text")
     for i, p in enumerate(result.particles):
         mark = "*" if i == result.best else " "
-        print(f"{i:>2}{mark} {p.weight:>7.3f} {p.score:>6.3f} {len(p.steps):>5}  {p.text[:60]!r}")
+        answer = "-" if p.answer is None else p.answer[:8]
+        print(f"{i:>2}{mark}  {p.weight:>7.3f} {p.score:>6.3f} {len(p.steps):>5} {len(p.token_ids):>6} "
+              f"{'yes' if p.finished else 'no':>4} {answer:>8}  {p.text[:60]!r}")
     s = result.stats
-    print(f"\nAnswer (particle {result.best}, highest weight): {result.answer!r}")
-    print(f"{s.generated_tokens} tokens in {seconds:.2f} s ({s.generated_tokens / seconds:.0f} tok/s), "
-          f"{s.steps} rounds, {s.resamples} resamples; engine counters: {stats}")
+    print(f"\nAnswer (particle {result.best}): {result.answer!r}")
+    print(f"{s.prompt_tokens} prompt + {s.generated_tokens} generated tokens in {seconds:.2f} s "
+          f"({s.generated_tokens / max(seconds, 1e-9):.0f} tok/s), {s.steps} rounds, {s.resamples} resamples")
+    print("engine: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pfengine.server import serve
+
+    engine = make_engine(args)
+    print(f"pfengine: serving {args.served_model_name or args.model} on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
+    serve(engine, host=args.host, port=args.port, served_model_name=args.served_model_name, log_level=args.log_level)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.requests < 1:
+        raise ValueError(f"--requests must be positive, got {args.requests}")
+    engine = make_engine(args)
+    for k in range(args.warmup):
+        engine.generate([make_request(args, args.prompt, seed=10_000 + k)])
+    before = engine.stats()
+    requests = [make_request(args, args.prompt, seed=args.seed + k) for k in range(args.requests)]
+    limit = args.concurrency if args.concurrency > 0 else len(requests)
+    submitted: dict[int, float] = {}
+    latencies: list[float] = []
+    generated = 0
+    queue = list(requests)
+    start = time.perf_counter()
+    with _progress(len(requests), "bench", "req", args.no_progress) as bar:
+        while queue or submitted:
+            while queue and len(submitted) < limit:
+                submitted[engine.add_request(queue.pop(0))] = time.perf_counter()
+            for event in engine.step():
+                if event.error is not None:
+                    raise event.error
+                if event.result is not None and event.request_id in submitted:
+                    latencies.append(time.perf_counter() - submitted.pop(event.request_id))
+                    generated += event.result.stats.generated_tokens
+                    bar.update(1)
+    seconds = time.perf_counter() - start
+    after = engine.stats()
+    forwarded = after["policy_tokens_forwarded"] - before["policy_tokens_forwarded"]
+    report = {"requests": len(requests), "concurrency": limit, "method": args.method, "particles": args.particles,
+              "seconds": seconds, "generated_tokens": generated, "generated_tokens_per_s": generated / seconds,
+              "policy_tokens_forwarded": forwarded, "policy_tokens_forwarded_per_s": forwarded / seconds,
+              "requests_per_s": len(requests) / seconds,
+              "latency_p50_s": statistics.median(latencies),
+              "latency_p90_s": sorted(latencies)[min(len(latencies) - 1, int(0.9 * len(latencies)))],
+              "preemptions": after["preemptions"] - before["preemptions"]}
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"{report['requests']} requests ({args.method}, {args.particles} particles, up to {args.max_steps} steps of "
+          f"{args.max_step_tokens} tokens), {limit} in flight:")
+    print(f"  {seconds:.2f} s, {report['requests_per_s']:.2f} req/s, latency p50 {report['latency_p50_s']:.2f} s "
+          f"p90 {report['latency_p90_s']:.2f} s")
+    print(f"  generated {generated} tokens: {report['generated_tokens_per_s']:.0f} tok/s")
+    print(f"  policy forwarded {forwarded} tokens: {report['policy_tokens_forwarded_per_s']:.0f} tok/s "
+          f"(shared prefixes are forwarded once), preemptions {report['preemptions']}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = make_engine(args)
+    request = make_request(args, args.prompt)
+    for _ in range(args.warmup):
+        engine.generate([request])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    start = time.perf_counter()
+    with profile(activities=activities, record_shapes=args.record_shapes) as prof:
+        result = run_with_progress(engine, request, disable=args.no_progress)
+    seconds = time.perf_counter() - start
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out))
+    averages = prof.key_averages()
+    sort = args.sort
+    if args.json:
+        rows = sorted(averages, key=PROFILE_SORTS[sort], reverse=True)
+        top = [{"name": e.key, "count": e.count, "self_cpu_us": e.self_cpu_time_total, "cpu_total_us": e.cpu_time_total}
+               for e in rows[:args.row_limit]]
+        print(json.dumps({"trace": str(out), "seconds": seconds, "generated_tokens": result.stats.generated_tokens,
+                          "top_ops": top}, indent=1))
+        return 0
+    print(averages.table(sort_by=sort, row_limit=args.row_limit))
+    print(f"{args.method} x{args.particles}: {result.stats.generated_tokens} tokens in {seconds:.2f} s (profiled)")
+    print(f"Chrome trace: {out} (open in https://ui.perfetto.dev or chrome://tracing)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

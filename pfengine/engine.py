@@ -7,6 +7,7 @@ PRM score -> weights -> resample -> fork -> next step; requests whose particles 
 from __future__ import annotations
 
 import json
+import secrets
 import logging
 import time
 from dataclasses import replace
@@ -18,10 +19,12 @@ import torch
 from transformers import AutoTokenizer
 
 from pfengine.cache.block_manager import BlockManager, OutOfBlocks
-from pfengine.config import KV_DTYPES, EngineConfig, Request
+from pfengine.config import AGGREGATIONS, KV_DTYPES, EngineConfig, Request
 from pfengine.model.checkpoint import CheckpointError, read_config
 from pfengine.model.decoder import load_decoder
-from pfengine.prm import CallablePRM, ModelPRM, PRMFn, ValueHeadPRM, load_value_head
+from pfengine.kernels.prm_score import head_logit, initial_running, running_to_prob, weigh
+from pfengine.prm import CallablePRM, EndedStep, ModelPRM, PRMFn, ValueHeadPRM, load_value_head
+from pfengine.prompting import encode_prompt
 from pfengine.runner import ModelRunner
 from pfengine.sampling import sample
 from pfengine.search import results
@@ -95,6 +98,48 @@ class Engine:
                   "prm_blocks_in_use": self.prm_runner.blocks.blocks_in_use}
         return s
 
+    def score_steps(self, prompt: str | list[dict], steps: list[str] | list[list[int]],
+                    aggregation: str = "model") -> list[float]:
+        """The aggregated PRM probability after each of ``steps`` (texts or token ids) of a given
+        solution: the same PRM code path a particle holding these steps takes. For adapters that
+        score text (its_hub); call it while no request is in flight."""
+        if self.prm is None:
+            raise ValueError("score_steps: the engine has no PRM (set EngineConfig.prm or pass prm_fn)")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        assert not self.running, "score_steps: requests are in flight"
+        prompt_text, prompt_ids = encode_prompt(self.tokenizer, prompt)
+        ids = [s if isinstance(s, list) else self.tokenizer.encode(s, add_special_tokens=False) for s in steps]
+        texts = [s if isinstance(s, str) else self.detokenize(s) for s in steps]
+        if isinstance(self.prm, CallablePRM):
+            logits = [self.prm.score([EndedStep(-1, torch.empty(0), prompt_text, texts[:k + 1], 0)])[0]
+                      for k in range(len(steps))]
+        else:
+            logits = self._step_logits(prompt_ids, ids, keep_tags=aggregation != "model")
+        running, seg, scored, out = initial_running(1, aggregation), torch.tensor([0, 1]), torch.tensor([True]), []
+        for logit in logits:
+            running, _, _ = weigh(logit.reshape(1).float().cpu(), running, scored, seg, aggregation, 1.0)
+            out.append(float(running_to_prob(running, aggregation)[0]))
+        return out
+
+    def _step_logits(self, prompt_ids: list[int], steps: list[list[int]], keep_tags: bool) -> list[torch.Tensor]:
+        """Step logits of the value head or PRM model for one solution, on a borrowed cache row."""
+        row = self._free_rows.pop()
+        prm = self.prm
+        runner = self.policy if isinstance(prm, ValueHeadPRM) else prm.runner
+        try:
+            hidden, logits = runner.extend([row], [prompt_ids]), []
+            for step in steps:
+                if step:
+                    hidden = runner.extend([row], [step])
+                if isinstance(prm, ModelPRM):
+                    hidden = prm.score([EndedStep(row, torch.empty(0), "", [], 0)], keep_tags=keep_tags)
+                logits.append(head_logit(hidden, prm.head)[0] if prm.head is not None else hidden[0])
+            return logits
+        finally:
+            runner.blocks.free(torch.tensor([row], dtype=torch.int64))
+            self._free_rows.append(row)
+
     def add_request(self, request: Request) -> int:
         """Validate and queue a request; it joins the running batch at the next round boundary."""
         state = self._prepare(request)
@@ -136,7 +181,9 @@ class Engine:
 
     def generate(self, requests: list[Request]) -> list[PFResult]:
         """Run requests to completion, batched together (and with any already queued); results in order."""
-        ids = [self.add_request(r) for r in requests]
+        states = [self._prepare(r) for r in requests]  # all valid before any is queued
+        self.waiting += states
+        ids = [s.id for s in states]
         results: dict[int, PFResult] = {}
         while any(i not in results for i in ids):
             for event in self.step():
@@ -206,17 +253,13 @@ class Engine:
 
     def _prepare(self, request: Request) -> RequestState:
         prompt = request.prompt
-        if isinstance(prompt, list):
-            if not prompt:
-                raise ValueError("prompt: chat messages must not be empty")
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-        elif isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt: must not be empty")
-            text, ids = prompt, self.tokenizer.encode(prompt)
-        else:
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("prompt: chat messages must not be empty")
+        if isinstance(prompt, str) and not prompt:
+            raise ValueError("prompt: must not be empty")
+        if not isinstance(prompt, (str, list)):
             raise TypeError(f"prompt: expected a string or a list of chat messages, got {type(prompt).__name__}")
+        text, ids = encode_prompt(self.tokenizer, prompt)
         search = request.search
         if search.uses_prm and self.prm is None:
             raise ValueError(f"search method {search.method!r} needs a PRM: set EngineConfig.prm (a PRM directory or "
@@ -235,7 +278,7 @@ class Engine:
         if need > self.config.num_blocks:
             raise ValueError(f"request needs about {need} KV blocks for its prompt and one step of {n} particles; "
                              f"the cache has {self.config.num_blocks} (raise EngineConfig.num_blocks)")
-        seed = request.sampling.seed if request.sampling.seed is not None else torch.seed()
+        seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
         return RequestState(id=next(self._ids), request=request, prompt_ids=ids, prompt_text=text, seed=seed)
 
     def _blocks_to_admit(self, prompt_len: int, n: int, step_tokens: int) -> int:

@@ -77,7 +77,8 @@ def engine_string(tokenizer, text: str) -> str:
     bos = getattr(tokenizer, "bos_token", None)
     if bos and text.startswith(bos):
         with_special = tokenizer.encode("x")
-        if with_special != tokenizer.encode("x", add_special_tokens=False) and with_special[:1] == [tokenizer.bos_token_id]:
+        plain = tokenizer.encode("x", add_special_tokens=False)
+        if with_special != plain and with_special[:1] == [tokenizer.bos_token_id]:
             return text[len(bos):]
     return text
 

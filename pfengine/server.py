@@ -22,14 +22,23 @@ the text every surviving particle now shares (settled: it cannot change any more
 pieces always add up to the final answer) and ``pfengine`` shows the round (leading particle and its
 text, scores, weights, ESS, ancestors); the last chunk completes the answer.
 
+``stop``: in a plain request generation ends at the first stop string of the list (the engine's step
+delimiter); the others, and all of them in a search request, cut the returned text afterwards.
+vLLM-style extras are honoured: ``include_stop_str_in_output``, ``top_k``, and for chat
+``continue_final_message`` / ``add_generation_prompt`` (continue the last assistant message, as
+its_hub's step generation asks). Fields pfengine cannot honour (``logprobs``, ``tools``, penalties,
+...) are rejected when set; other unknown fields are ignored.
+
 ``usage`` counts real tokens: the prompt once, and every token the engine sampled for the request.
 Errors are OpenAI-style JSON: 422 for a malformed body, 400 naming the field for a bad value, 400
-(``kv_cache_exhausted``) for a request that cannot fit in the KV cache, 404 for an unknown model.
-A client that disconnects (streaming or not) has its request aborted and its KV blocks freed.
+(``kv_cache_exhausted``) for a request that cannot fit in the KV cache, 404 for an unknown model;
+once a stream has started, an error arrives as a ``data: {"error": ...}`` chunk. A client that
+disconnects (streaming or not) has its request aborted and its KV blocks freed.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -66,6 +75,9 @@ SEARCH_FIELDS = {f.name for f in fields(SearchParams)}
 SAMPLING_KEYS = {"max_steps", "max_step_tokens", "step_delimiter", "top_k", "stop_on_eos"}
 REQUEST_KEYS = {"reference_answer", "return_particles"}
 SEARCH_ALIASES = {"particles": "n_particles"}
+UNSUPPORTED = {"logprobs", "top_logprobs", "echo", "best_of", "suffix", "tools", "functions", "logit_bias",
+               "presence_penalty", "frequency_penalty", "response_format"}
+"""OpenAI fields pfengine cannot honour: a request that sets one (to anything but its neutral value) gets a 400."""
 _SEARCH_TYPES = typing.get_type_hints(SearchParams)
 _SAMPLING_TYPES = typing.get_type_hints(SamplingParams)
 _EXTRA_TYPES = {"reference_answer": str | None, "return_particles": bool}
@@ -165,10 +177,14 @@ def build_job(engine: Engine, prompt: str | list[dict], body: _Body, max_tokens:
     if plain:
         search_kw = {"method": "self_consistency", "n_particles": body.n}
     else:
-        search_kw.setdefault("n_particles", max(body.n, SearchParams().n_particles))
+        default_n = 1 if search_kw.get("method") == "greedy" else max(body.n, SearchParams().n_particles)
+        search_kw.setdefault("n_particles", default_n)
     try:
         search = SearchParams(**search_kw)
     except (ValueError, TypeError) as e:
+        field = str(e).split(" ")[0]
+        if field in SEARCH_FIELDS:
+            raise APIError(400, f"search.{e}", f"search.{field}") from None
         raise APIError(400, f"search: {e}", "search") from None
     if not plain and body.n > _candidates(search):
         raise APIError(400, f"n: a {search.method} search returns at most {_candidates(search)} candidates, "
@@ -269,7 +285,7 @@ def _round_info(engine: Engine, trace: StepTrace, round_no: int) -> dict:
 
 
 def _decode(engine: Engine, tokens: list[int]) -> str:
-    return engine.tokenizer.decode(tokens, skip_special_tokens=True)
+    return engine.detokenize(tokens)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,6 +332,10 @@ def create_app(engine: Engine, served_model_name: str | None = None) -> FastAPI:
         if body.model is not None and body.model != name:
             raise APIError(404, f"model: the model {body.model!r} does not exist; this server serves {name!r}",
                            "model", "model_not_found")
+        for key, value in (body.model_extra or {}).items():
+            if key in UNSUPPORTED and not (value in (None, False, 0, [], {}) or value == {"type": "text"}
+                                           or (key == "best_of" and value == body.n)):
+                raise APIError(400, f"{key}: not supported by pfengine (got {value!r})", key)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HTTPRequest):
@@ -434,7 +454,8 @@ async def _sse(engine: Engine, events: AsyncIterator[Event], first: asyncio.Futu
                 delta = {"role": "assistant", "content": deltas.get(i, "")} if role else {"content": deltas.get(i, "")}
                 choices.append({"index": i, "delta": delta, "logprobs": None, "finish_reason": finish.get(i)})
             else:
-                choices.append({"index": i, "text": deltas.get(i, ""), "logprobs": None, "finish_reason": finish.get(i)})
+                choices.append({"index": i, "text": deltas.get(i, ""), "logprobs": None,
+                                "finish_reason": finish.get(i)})
         body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk" if chat else "text_completion",
                                 "created": created, "model": name, "choices": choices}
         if usage is not None:
@@ -501,8 +522,6 @@ async def _sse(engine: Engine, events: AsyncIterator[Event], first: asyncio.Futu
 
 
 def _json(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 

@@ -52,9 +52,11 @@ def test_stream_yields_rounds_then_the_result(engine):
 
 def test_client_disconnect_frees_blocks(engine):
     async def main():
-        stream = AsyncEngine(engine).astream(request(2, 8))
+        aengine = AsyncEngine(engine)
+        stream = aengine.astream(request(2, 8))
         first = await stream.__anext__()
         await stream.aclose()  # the client goes away mid-request
+        await aengine.flush()
         return first
 
     assert asyncio.run(main()).trace is not None
