@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from torch.profiler import record_function
 from transformers import AutoTokenizer
 
 from pfengine.cache.block_manager import BlockManager, OutOfBlocks
@@ -165,13 +166,15 @@ class Engine:
         """One engine iteration: admit, decode one token for every particle mid-step, and finish the
         rounds (score -> resample -> fork) of requests whose particles all reached a step end."""
         if not self._admission_paused:
-            self.running += self._admit(self.waiting)
+            with record_function("pfengine::prefill"):
+                self.running += self._admit(self.waiting)
         events = self._make_room(self.running, self.waiting)
         self._decode(self.running)
         at_barrier = [r for r in self.running if all(p.step_done or p.finished for p in r.particles)]
         if not at_barrier:
             return events
-        finish_round(at_barrier, self.prm, self.runners, self.detokenize)
+        with record_function("pfengine::round"):  # PRM score -> weights -> resample -> fork
+            finish_round(at_barrier, self.prm, self.runners, self.detokenize)
         events += [Event(r.id, r.trace[-1]) for r in at_barrier]
         for r in [r for r in at_barrier if r.done]:
             self.running.remove(r)
@@ -329,7 +332,9 @@ class Engine:
             if not idx:
                 continue
             first: dict[tuple[int, int], int] = {}
-            for i, t in zip(idx, sample(r.logits[idx], r.request.sampling, r.generator).tolist()):
+            with record_function("pfengine::sample"):
+                new = sample(r.logits[idx], r.request.sampling, r.generator).tolist()
+            for i, t in zip(idx, new):
                 p = r.particles[i]
                 rep = first.setdefault((p.node, t), i)
                 if rep == i:
@@ -343,10 +348,12 @@ class Engine:
         if not forwarded:
             return
         rows_t, tokens_t = torch.tensor([r.rows[i] for r, i in forwarded]), torch.tensor(tokens)
-        hidden = self.policy.decode(rows_t, tokens_t)
-        logits = self.policy.decoder.logits(hidden)
+        with record_function("pfengine::decode"):
+            hidden = self.policy.decode(rows_t, tokens_t)
+            logits = self.policy.decoder.logits(hidden)
         if self.prm_runner is not None:  # the PRM reads every token once, in step with the policy
-            self.prm_runner.decode(rows_t, tokens_t)
+            with record_function("pfengine::prm_decode"):
+                self.prm_runner.decode(rows_t, tokens_t)
         for k, (r, i) in enumerate(forwarded):
             r.hidden[i], r.logits[i] = hidden[k], logits[k]
         if dups:
