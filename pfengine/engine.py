@@ -6,9 +6,8 @@ PRM score -> weights -> resample -> fork -> next step; requests whose particles 
 """
 from __future__ import annotations
 
-import json
-import secrets
 import logging
+import secrets
 import time
 from dataclasses import replace
 from itertools import count
@@ -17,17 +16,18 @@ from typing import Iterator
 
 import torch
 from torch.profiler import record_function
-from transformers import AutoTokenizer
 
-from pfengine.cache.block_manager import BlockManager, OutOfBlocks
+from pfengine.cache.block_manager import BlockManager
 from pfengine.config import AGGREGATIONS, KV_DTYPES, EngineConfig, Request
 from pfengine.model.checkpoint import CheckpointError, read_config
 from pfengine.model.decoder import load_decoder
+from pfengine.model.tokenizer import check_same_tokenizer, eos_ids, load_tokenizer
 from pfengine.kernels.prm_score import head_logit, initial_running, running_to_prob, weigh
 from pfengine.prm import CallablePRM, EndedStep, ModelPRM, PRMFn, ValueHeadPRM, load_value_head
 from pfengine.prompting import encode_prompt
 from pfengine.runner import ModelRunner
 from pfengine.sampling import sample
+from pfengine.scheduler import Scheduler
 from pfengine.search import results
 from pfengine.search.round import PRM, finish_round, fork, start
 from pfengine.state import Event, PFResult, RequestState
@@ -39,21 +39,16 @@ class Engine:
     def __init__(self, config: EngineConfig, prm_fn: PRMFn | None = None) -> None:
         self.config = config
         model_cfg = read_config(config.model)
-        self.tokenizer = _load_tokenizer(config.model, model_cfg.vocab_size)
+        self.tokenizer = load_tokenizer(config.model, model_cfg.vocab_size)
         self.max_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
         self.policy = self._runner(config.model)
         self.prm_runner: ModelRunner | None = None
         self.prm = self._load_prm(prm_fn, model_cfg.hidden_size)
-        self.eos_ids = _eos_ids(config.model, model_cfg.eos_token_ids, self.tokenizer)
+        self.eos_ids = eos_ids(config.model, model_cfg.eos_token_ids, self.tokenizer)
+        self.scheduler = Scheduler(self.runners, config.max_particles)
         self._token_text: dict[int, str] = {}
-        self._free_rows = list(range(config.max_particles - 1, -1, -1))
         self._ids = count()
         self._nodes = count(1)
-        self._admission_paused = False
-        self.waiting: list[RequestState] = []
-        self.running: list[RequestState] = []
-        self.preemptions = 0
-        self.recomputed_tokens = 0
 
     def _runner(self, path: str) -> ModelRunner:
         c = self.config
@@ -75,7 +70,7 @@ class Engine:
         if read_config(path).is_prm == shepherd:
             raise CheckpointError(f"{path}: a PRM directory needs architectures ['Qwen2ForProcessRewardModel'], or a "
                                   f"causal LM with PRMConfig.good_token/bad_token set (Math-Shepherd style)")
-        _check_same_tokenizer(self.tokenizer, _load_tokenizer(path), path)
+        check_same_tokenizer(self.tokenizer, load_tokenizer(path), path)
         ids = [self._token_id(t, path) for t in (pc.step_tag, pc.good_token, pc.bad_token) if t is not None]
         self.prm_runner = self._runner(path)
         return ModelPRM(self.prm_runner, ids[0], (ids[1], ids[2]) if shepherd else None)
@@ -93,7 +88,7 @@ class Engine:
     def stats(self) -> dict[str, int]:
         s = {"policy_tokens_forwarded": self.policy.tokens_forwarded,
              "policy_blocks_in_use": self.policy.blocks.blocks_in_use, "cow_copies": self.policy.cow_copies,
-             "preemptions": self.preemptions, "recomputed_tokens": self.recomputed_tokens}
+             "preemptions": self.scheduler.preemptions, "recomputed_tokens": self.scheduler.recomputed_tokens}
         if self.prm_runner is not None:
             s |= {"prm_tokens_forwarded": self.prm_runner.tokens_forwarded, "prm_tags_forwarded": self.prm.tags_forwarded,
                   "prm_blocks_in_use": self.prm_runner.blocks.blocks_in_use}
@@ -108,7 +103,7 @@ class Engine:
             raise ValueError("score_steps: the engine has no PRM (set EngineConfig.prm or pass prm_fn)")
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-        assert not self.running, "score_steps: requests are in flight"
+        assert not self.scheduler.running, "score_steps: requests are in flight"
         prompt_text, prompt_ids = encode_prompt(self.tokenizer, prompt)
         ids = [s if isinstance(s, list) else self.tokenizer.encode(s, add_special_tokens=False) for s in steps]
         texts = [s if isinstance(s, str) else self.detokenize(s) for s in steps]
@@ -125,7 +120,7 @@ class Engine:
 
     def _step_logits(self, prompt_ids: list[int], steps: list[list[int]], keep_tags: bool) -> list[torch.Tensor]:
         """Step logits of the value head or PRM model for one solution, on a borrowed cache row."""
-        row = self._free_rows.pop()
+        row = self.scheduler.free_rows.pop()
         prm = self.prm
         runner = self.policy if isinstance(prm, ValueHeadPRM) else prm.runner
         try:
@@ -139,53 +134,54 @@ class Engine:
             return logits
         finally:
             runner.blocks.free(torch.tensor([row], dtype=torch.int64))
-            self._free_rows.append(row)
+            self.scheduler.free_rows.append(row)
 
     def add_request(self, request: Request) -> int:
         """Validate and queue a request; it joins the running batch at the next round boundary."""
         state = self._prepare(request)
-        self.waiting.append(state)
+        self.scheduler.waiting.append(state)
         return state.id
 
     def abort(self, request_id: int) -> bool:
         """Drop a request (e.g. its client went away) and free its blocks. False if unknown."""
-        for queue in (self.waiting, self.running):
-            for r in queue:
-                if r.id == request_id:
-                    queue.remove(r)
-                    if r.rows:
-                        self._release(r)
-                    return True
-        return False
+        return self.scheduler.abort(request_id)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_work
+
+    @property
+    def running(self) -> list[RequestState]:
+        return self.scheduler.running
+
+    @property
+    def waiting(self) -> list[RequestState]:
+        return self.scheduler.waiting
 
     def step(self) -> list[Event]:
         """One engine iteration: admit, decode one token for every particle mid-step, and finish the
         rounds (score -> resample -> fork) of requests whose particles all reached a step end."""
-        if not self._admission_paused:
-            with record_function("pfengine::prefill"):
-                self.running += self._admit(self.waiting)
-        events = self._make_room(self.running, self.waiting)
-        self._decode(self.running)
-        at_barrier = [r for r in self.running if all(p.step_done or p.finished for p in r.particles)]
+        with record_function("pfengine::prefill"):
+            self._prefill(self.scheduler.admit())
+        events = self.scheduler.make_room()
+        running = self.scheduler.running
+        self._decode(running)
+        at_barrier = [r for r in running if all(p.step_done or p.finished for p in r.particles)]
         if not at_barrier:
             return events
         with record_function("pfengine::round"):  # PRM score -> weights -> resample -> fork
             finish_round(at_barrier, self.prm, self.runners, self.detokenize)
         events += [Event(r.id, r.trace[-1]) for r in at_barrier]
         for r in [r for r in at_barrier if r.done]:
-            self.running.remove(r)
-            events.append(Event(r.id, None, self._finish(r)))
-            self._admission_paused = False
+            self.scheduler.finish(r)
+            r.stats.seconds = time.perf_counter() - r.started
+            events.append(Event(r.id, None, results.build(r, self.detokenize)))
         return events
 
     def generate(self, requests: list[Request]) -> list[PFResult]:
         """Run requests to completion, batched together (and with any already queued); results in order."""
         states = [self._prepare(r) for r in requests]  # all valid before any is queued
-        self.waiting += states
+        self.scheduler.waiting += states
         ids = [s.id for s in states]
         results: dict[int, PFResult] = {}
         while any(i not in results for i in ids):
@@ -210,50 +206,6 @@ class Engine:
                     if event.result is not None:
                         return
 
-    def _make_room(self, running: list[RequestState], waiting: list[RequestState]) -> list[Event]:
-        """Preempt the latest-admitted requests until this iteration's worst case fits in every cache:
-        one token per particle mid-step, and in the PRM also a step tag per particle not yet scored.
-        A request that cannot fit even alone fails (an error event); the others go on."""
-        while running:
-            policy_rows, prm_rows, prm_new = [], [], []
-            for r in running:
-                for i, p in enumerate(r.particles):
-                    if not (p.step_done or p.finished):
-                        policy_rows.append(r.rows[i])
-                    if not (p.frozen or p.held):
-                        prm_rows.append(r.rows[i])
-                        prm_new.append(1 if p.step_done or p.finished else 2)
-            needs = [(self.policy, self.policy.blocks.blocks_needed(torch.tensor(policy_rows, dtype=torch.int64), 1))]
-            if self.prm_runner is not None:
-                needs.append((self.prm_runner, self.prm_runner.blocks.blocks_needed(
-                    torch.tensor(prm_rows, dtype=torch.int64), torch.tensor(prm_new, dtype=torch.int64))))
-            if all(need <= runner.blocks.num_free for runner, need in needs):
-                return []
-            victim = running.pop()
-            if not running:
-                self._release(victim)
-                return [Event(victim.id, None, error=OutOfBlocks(
-                    max(need for _, need in needs), min(r.blocks.num_free for r, _ in needs),
-                    f"request {victim.id} alone outgrows the KV cache ({self.config.num_blocks} blocks of "
-                    f"{self.config.block_size} tokens): raise EngineConfig.num_blocks or lower n_particles / max_tokens"))]
-            self._preempt(victim)
-            waiting.insert(0, victim)
-        return []
-
-    def _release(self, r: RequestState) -> None:
-        for runner in self.runners:
-            runner.blocks.free(torch.tensor(r.all_rows, dtype=torch.int64))
-        self._free_rows += r.all_rows
-
-    def _preempt(self, r: RequestState) -> None:
-        """Free a request's blocks and restart it later from its seed; its tokens are recomputed
-        (the only recompute the engine does, counted in ``recomputed_tokens``)."""
-        self._release(r)
-        self.preemptions += 1
-        self.recomputed_tokens += r.stats.prompt_tokens + r.stats.generated_tokens
-        r.restart()
-        self._admission_paused = True
-
     def _prepare(self, request: Request) -> RequestState:
         prompt = request.prompt
         if isinstance(prompt, list) and not prompt:
@@ -277,36 +229,17 @@ class Engine:
         if room <= 0:
             raise ValueError(f"prompt: {len(ids)} tokens (+{request.sampling.max_steps} step tags) does not fit "
                              f"max_model_len={self.max_len}")
-        need = self._blocks_to_admit(len(ids), n, request.sampling.max_step_tokens)
+        need = self.scheduler.blocks_to_admit(len(ids), n, request.sampling.max_step_tokens)
         if need > self.config.num_blocks:
             raise ValueError(f"request needs about {need} KV blocks for its prompt and one step of {n} particles; "
                              f"the cache has {self.config.num_blocks} (raise EngineConfig.num_blocks)")
         seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
         return RequestState(id=next(self._ids), request=request, prompt_ids=ids, prompt_text=text, seed=seed)
 
-    def _blocks_to_admit(self, prompt_len: int, n: int, step_tokens: int) -> int:
-        B = self.config.block_size
-        return (prompt_len + B - 1) // B + n * ((step_tokens + 1 + B - 1) // B + 1)
-
-    def _admit(self, waiting: list[RequestState]) -> list[RequestState]:
-        """Prefill as many waiting requests as fit (rows, and blocks for their first step), in order."""
-        admitted: list[RequestState] = []
-        free_blocks = min(r.blocks.num_free for r in self.runners)
-        while waiting:
-            r = waiting[0]
-            n = r.search.particles_per_sweep
-            n_rows = n + 1 + (r.search.method == "particle_gibbs")
-            need = self._blocks_to_admit(len(r.prompt_ids), n, r.request.sampling.max_step_tokens)
-            if n_rows > len(self._free_rows) or need > free_blocks:
-                break
-            free_blocks -= need
-            r.rows = [self._free_rows.pop() for _ in range(n)]
-            r.root_row = self._free_rows.pop()
-            if r.search.method == "particle_gibbs":
-                r.ref_row = self._free_rows.pop()
-            admitted.append(waiting.pop(0))
+    def _prefill(self, admitted: list[RequestState]) -> None:
+        """Forward the admitted prompts (each once, into its root row) and fork them to every slot."""
         if not admitted:
-            return admitted
+            return
         roots = [r.root_row for r in admitted]
         hidden = self.policy.extend(roots, [r.prompt_ids for r in admitted])
         logits = self.policy.decoder.logits(hidden)
@@ -317,7 +250,6 @@ class Engine:
             r.stats.prompt_tokens = len(r.prompt_ids)
             fork(self.runners, r.rows, [r.root_row] * r.n)
             start(r, logits[k:k + 1], hidden[k:k + 1])
-        return admitted
 
     def _decode(self, running: list[RequestState]) -> None:
         """Sample one token for every particle mid-step and forward them all in one batch.
@@ -386,43 +318,3 @@ class Engine:
 
     def detokenize(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
-
-    def _finish(self, r: RequestState) -> PFResult:
-        self._release(r)
-        r.stats.seconds = time.perf_counter() - r.started
-        return results.build(r, self.detokenize)
-
-
-def _load_tokenizer(path: str, vocab_size: int | None = None):
-    """The checkpoint's tokenizer; an empty one (transformers builds that when the files are missing)
-    or one with ids beyond the model's embedding table is refused."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot load its tokenizer ({e})") from None
-    if len(tokenizer) < 2:
-        raise CheckpointError(f"{path}: cannot load its tokenizer (no tokenizer.json, or vocab.json + merges.txt)")
-    if vocab_size is not None and len(tokenizer) > vocab_size:
-        top = max(tokenizer.get_vocab().values())
-        if top >= vocab_size:
-            raise CheckpointError(f"{path}: tokenizer has token id {top} but the model's vocab_size is {vocab_size}")
-    return tokenizer
-
-
-def _check_same_tokenizer(policy, prm, prm_path: str) -> None:
-    pv, rv = policy.get_vocab(), prm.get_vocab()
-    differ = [t for t, i in pv.items() if rv.get(t) != i]
-    if differ:
-        raise CheckpointError(f"{prm_path}: PRM tokenizer differs from the policy's ({len(differ)} tokens map to "
-                              f"other ids, e.g. {differ[0]!r}); the PRM must share the policy's tokenizer")
-
-
-def _eos_ids(path: str, config_ids: tuple[int, ...], tokenizer) -> frozenset[int]:
-    ids = set(config_ids)
-    gen_cfg = Path(path) / "generation_config.json"
-    if gen_cfg.is_file():
-        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
-        ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
