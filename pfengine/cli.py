@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from pfengine.state import PFResult
 
 DEMO_DIR = Path(".cache/demo-model")
+FIXED_STEP_DELIMITER = "\x00\x00pfbench:no-step-delimiter\x00\x00"
+"""With ``--fixed-steps``: a delimiter no model emits, so every step is exactly --max-step-tokens long."""
 DEMO_PROMPT = "Step 1: add 17 and 25."
 
 PROFILE_SORTS = {"self_cpu_time_total": lambda e: e.self_cpu_time_total,
@@ -120,10 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="particle filtering on a small random-weight model",
-                          description="Build (once) a small random-weight Qwen2 checkpoint and a value-head PRM in "
-                                      f"{DEMO_DIR}, run one request on it and print the rounds, the particles and "
-                                      "the answer. Its text is noise: the weights are random.")
+    demo = sub.add_parser("demo", help="PF on the bundled toy model: one traced run, then every method compared",
+                          description="On the bundled trained toy model (multi-step arithmetic, pfengine/toy): print "
+                                      "one problem's particle-filtering run round by round, then evaluate greedy, "
+                                      "best-of-N, weighted best-of-N, self-consistency, beam search, DVTS and PF at "
+                                      "several budgets on held-out problems (accuracy with 95% intervals, tokens/s, "
+                                      "wall time), written as Markdown, JSON and a PNG plot. Without bundled "
+                                      f"checkpoints it falls back to a random-weight model in {DEMO_DIR}.")
+    demo.add_argument("--problems", type=int, default=100,
+                      help="held-out problems to evaluate (default 100; the README's table uses 200)")
+    demo.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16],
+                      help="budgets (particles / samples / beams) to compare (default 4 8 16)")
+    demo.add_argument("--prm-kind", choices=["value_head", "model"], default="value_head",
+                      help="the toy PRM to use: the value head on the policy (default) or the separate PRM model")
+    demo.add_argument("--out", default="out/demo", help="where the table (results.md / .json) and plot go")
+    demo.add_argument("--no-eval", action="store_true", help="only the traced run, no evaluation")
     _add_request_options(demo)
     _add_output_options(demo)
 
@@ -161,14 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--concurrency", type=int, default=0, help="requests in flight at once (default 0: all)")
     g.add_argument("--prompt", default=DEMO_PROMPT, help="prompt of every request (each gets its own seed)")
     g.add_argument("--warmup", type=int, default=1, help="untimed requests first (default 1)")
+    g.add_argument("--suite", action="store_true",
+                   help="run the comparison benchmark instead (pfengine vs its_hub-style PF, transformers PF, "
+                        "llama.cpp, vLLM; bench/harness.py in a source checkout): every option after --suite goes "
+                        "to it, e.g. `pfengine bench --suite --quick`; `pfengine bench --suite --help` lists them")
     _add_request_options(bench, max_steps=4, max_step_tokens=16)
     _add_output_options(bench)
 
     prof = sub.add_parser("profile", help="profile one request with torch.profiler",
-                          description="Run one request under torch.profiler (after an unprofiled warm-up), write a "
-                                      "Chrome trace JSON (open it in Perfetto, https://ui.perfetto.dev, or "
-                                      "chrome://tracing) and "
-                                      "print the top operators. Kernel launches are labelled pfengine::<kernel>.")
+                          description="Run one request (or --prompts of them) under torch.profiler (after an "
+                                      "unprofiled warm-up), write a Chrome trace JSON (open it in Perfetto, "
+                                      "https://ui.perfetto.dev, or chrome://tracing), print the top operators and a "
+                                      "phase table (prefill / decode forward / PRM decode / sampling / PRM scoring / "
+                                      "resample+fork / other) computed from the trace's pfengine::* ranges. Kernel "
+                                      "launches are labelled pfengine::<kernel>.")
     _add_engine_options(prof, model_required=False)
     g = prof.add_argument_group("profile")
     g.add_argument("--prompt", default=DEMO_PROMPT, help="the request's prompt")
@@ -179,12 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="column the table is sorted by (default self_cpu_time_total)")
     g.add_argument("--record-shapes", action="store_true", help="record input shapes (larger trace)")
     g.add_argument("--warmup", type=int, default=1, help="unprofiled runs first (default 1)")
+    g.add_argument("--prompts", type=int, default=1,
+                   help="requests run together, one seed each (default 1); the phase table covers all of them")
+    g.add_argument("--fixed-steps", action="store_true",
+                   help="every step is exactly --max-step-tokens tokens (no delimiter, EOS does not stop): the "
+                        "benchmark's workload")
     _add_request_options(prof, max_steps=4, max_step_tokens=16)
     _add_output_options(prof)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"] and "--suite" in argv:
+        return run_suite([a for a in argv[1:] if a != "--suite"])
     parser = build_parser()
     args = parser.parse_args(argv)
     from pfengine.model.checkpoint import CheckpointError
@@ -222,7 +249,9 @@ def make_request(args: argparse.Namespace, prompt: str | list[dict], seed: int |
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               seed=args.seed if seed is None else seed, max_steps=args.max_steps,
                               max_step_tokens=args.max_step_tokens, max_tokens=args.max_tokens,
-                              step_delimiter=args.step_delimiter)
+                              step_delimiter=FIXED_STEP_DELIMITER if getattr(args, "fixed_steps", False)
+                              else args.step_delimiter,
+                              stop_on_eos=not getattr(args, "fixed_steps", False))
     search = SearchParams(method=args.method, n_particles=args.particles, aggregation=args.aggregation,
                           resampling=args.resampling, weight_temperature=args.weight_temperature,
                           ess_threshold=args.ess_threshold, finished=args.finished, selection=args.selection,
@@ -269,8 +298,29 @@ def _demo_checkpoint(quiet: bool = False) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    args.model, args.prm = None, None
-    return _generate(args, make_engine(args), DEMO_PROMPT)
+    from pfengine.toy import evaluate
+
+    policy = evaluate.CHECKPOINTS / "policy"
+    if not (policy / "config.json").is_file():
+        args.model, args.prm = None, None
+        return _generate(args, make_engine(args), DEMO_PROMPT)
+    from pfengine.config import EngineConfig
+    from pfengine.engine import Engine
+    from pfengine.toy.task import heldout_set
+
+    prm = policy / "value_head.safetensors" if args.prm_kind == "value_head" else evaluate.CHECKPOINTS / "prm"
+    print(f"Model: {policy} (trained toy policy) + PRM {prm}\n")
+    engine = Engine(EngineConfig(model=str(policy), prm=str(prm), num_blocks=8192, max_particles=4096))
+    problems = heldout_set(max(args.problems, 1))
+    evaluate.trace_one(engine, problems[0], budget=8, seed=args.seed)
+    if args.no_eval:
+        return 0
+    rows = evaluate.evaluate(engine, problems[:args.problems], tuple(args.budgets), seed=args.seed)
+    out = Path(args.out)
+    evaluate.write_report(rows, out)
+    print(evaluate.markdown(rows))
+    print(f"\nWrote {out / 'results.md'}, {out / 'results.json'} and {out / 'accuracy_vs_budget.png'}")
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -374,31 +424,114 @@ def cmd_profile(args: argparse.Namespace) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    if args.prompts < 1:
+        raise ValueError(f"--prompts must be positive, got {args.prompts}")
     engine = make_engine(args)
-    request = make_request(args, args.prompt)
-    for _ in range(args.warmup):
-        engine.generate([request])
+    requests = [make_request(args, args.prompt, seed=args.seed + k) for k in range(args.prompts)]
+    for k in range(args.warmup):
+        engine.generate([make_request(args, args.prompt, seed=10_000 + k) for _ in range(args.prompts)])
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    start = time.perf_counter()
     with profile(activities=activities, record_shapes=args.record_shapes) as prof:
-        result = run_with_progress(engine, request, disable=args.no_progress)
-    seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        if args.prompts == 1:
+            results = [run_with_progress(engine, requests[0], disable=args.no_progress)]
+        else:
+            results = engine.generate(requests)
+        seconds = time.perf_counter() - start
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(out))
+    table = phase_table(out, seconds)
+    generated = sum(r.stats.generated_tokens for r in results)
     averages = prof.key_averages()
     sort = args.sort
     if args.json:
         rows = sorted(averages, key=PROFILE_SORTS[sort], reverse=True)
         top = [{"name": e.key, "count": e.count, "self_cpu_us": e.self_cpu_time_total, "cpu_total_us": e.cpu_time_total}
                for e in rows[:args.row_limit]]
-        print(json.dumps({"trace": str(out), "seconds": seconds, "generated_tokens": result.stats.generated_tokens,
+        print(json.dumps({"trace": str(out), "seconds": seconds, "generated_tokens": generated,
+                          "phases": table["phases"], "ranges": table["ranges"], "engine": engine.stats(),
                           "top_ops": top}, indent=1))
         return 0
     print(averages.table(sort_by=sort, row_limit=args.row_limit))
-    print(f"{args.method} x{args.particles}: {result.stats.generated_tokens} tokens in {seconds:.2f} s (profiled)")
+    print(format_phase_table(table))
+    print(f"\n{args.method} x{args.particles}, {args.prompts} request(s): {generated} tokens in {seconds:.2f} s "
+          f"(profiled, {generated / max(seconds, 1e-9):.0f} tok/s)")
     print(f"Chrome trace: {out} (open in https://ui.perfetto.dev or chrome://tracing)")
     return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Phase table from a trace (also used by bench/)
+
+PHASES = [
+    ("prefill", "prompt prefill (+ fork to N)"),
+    ("decode", "decode forward (policy, incl. LM head)"),
+    ("prm_decode", "PRM model decode (in step with the policy)"),
+    ("sample", "sampling"),
+    ("prm_score", "PRM scoring at step ends (tags, head, weights)"),
+    ("resample_fork", "resample + fork (+ COW copies)"),
+    ("other", "engine Python outside the ranges"),
+]
+
+
+def phase_table(trace_file: str | Path, wall_s: float | None = None) -> dict:
+    """Seconds per phase of a profiled run, from the ``pfengine::*`` ranges of its Chrome trace.
+
+    Top-level engine ranges (``prefill``, ``decode``, ``prm_decode``, ``sample``, ``round``) do not
+    overlap; ``round`` (PRM score -> weights -> resample -> fork) is split into resample + fork (the
+    ``resample``, ``fork`` and ``copy_blocks`` kernel ranges inside it) and PRM scoring (the rest)."""
+    trace = json.loads(Path(trace_file).read_text())
+    events = [e for e in (trace["traceEvents"] if isinstance(trace, dict) else trace)
+              if e.get("ph") == "X" and str(e.get("name", "")).startswith("pfengine::")]
+    by_name: dict[str, list[dict]] = {}
+    for e in events:
+        by_name.setdefault(e["name"][len("pfengine::"):], []).append(e)
+    rounds = sorted((e["ts"], e["ts"] + e["dur"]) for e in by_name.get("round", []))
+
+    def total(name: str, inside_round: bool = False) -> float:
+        evs = by_name.get(name, [])
+        if inside_round:
+            evs = [e for e in evs if any(lo <= e["ts"] <= hi for lo, hi in rounds)]
+        return sum(e["dur"] for e in evs) / 1e6
+
+    resample_fork = total("resample", True) + total("fork", True) + total("copy_blocks", True)
+    phases = {"prefill": total("prefill"), "decode": total("decode"), "prm_decode": total("prm_decode"),
+              "sample": total("sample"), "prm_score": max(total("round") - resample_fork, 0.0),
+              "resample_fork": resample_fork}
+    span = (max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)) / 1e6 if events else 0.0
+    wall = span if wall_s is None else wall_s
+    phases["other"] = max(wall - sum(phases.values()), 0.0)
+    ranges = {name: {"count": len(evs), "seconds": sum(e["dur"] for e in evs) / 1e6}
+              for name, evs in sorted(by_name.items())}
+    return {"wall_s": wall, "phases": phases, "ranges": ranges}
+
+
+def format_phase_table(table: dict) -> str:
+    wall = table["wall_s"] or 1e-9
+    lines = ["", "| phase | seconds | share |", "|---|---:|---:|"]
+    for key, label in PHASES:
+        sec = table["phases"].get(key, 0.0)
+        lines.append(f"| {label} | {sec:.3f} | {100 * sec / wall:.1f} % |")
+    lines += [f"| total (profiled wall) | {wall:.3f} | 100 % |", "",
+              "| range (pfengine::*) | calls | seconds | mean ms |", "|---|---:|---:|---:|"]
+    for name, r in table["ranges"].items():
+        lines.append(f"| {name} | {r['count']} | {r['seconds']:.3f} | {1e3 * r['seconds'] / max(r['count'], 1):.2f} |")
+    return "\n".join(lines)
+
+
+def run_suite(argv: list[str]) -> int:
+    """``pfengine bench --suite ...``: the comparison harness of a source checkout (bench/harness.py)."""
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / "bench" / "harness.py").is_file():
+        print("pfengine bench --suite: needs a source checkout (bench/harness.py next to the pfengine package)",
+              file=sys.stderr)
+        return 2
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    from bench.harness import main as harness_main
+
+    return harness_main(argv)
 
 
 if __name__ == "__main__":
