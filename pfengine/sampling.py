@@ -4,12 +4,18 @@ from __future__ import annotations
 import torch
 
 from pfengine.config import SamplingParams
+from pfengine.kernels.sampling import temperature_sample
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
     """``logits [n, V]`` -> token ids ``[n]``; temperature 0 is greedy."""
     if params.temperature == 0:
         return logits.argmax(-1)
+    if not 0 < params.top_k < logits.shape[-1] and params.top_p >= 1.0:
+        # Plain temperature sampling: the fused kernel (C++ on CPU) draws the same tokens as the
+        # inverse CDF below without its [n, V] temporaries.
+        u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64).to(logits.device)
+        return temperature_sample(logits, params.temperature, u)
     logits = logits.float() / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[:, -1:]

@@ -2,7 +2,12 @@
 
 Dispatch (:func:`use_triton`): CUDA tensors take the Triton path when triton is installed;
 ``PFENGINE_TRITON=1`` forces the Triton path for any device (tests run it on CPU tensors with
-``TRITON_INTERPRET=1``), ``PFENGINE_TRITON=0`` forces the torch reference everywhere.
+``TRITON_INTERPRET=1``), ``PFENGINE_TRITON=0`` turns the Triton path off everywhere.
+
+CPU tensors not on the Triton path take the C++ kernels of ``pfengine._cpp`` (built from ``csrc/`` by
+``pip install``; :func:`use_cpp`) when that extension is importable, unless ``PFENGINE_CPP=0``; else
+the torch reference. Which CPU path runs is logged once (logger ``pfengine``). With both
+``PFENGINE_TRITON=0`` and ``PFENGINE_CPP=0`` every kernel is its torch reference.
 
 Triton is an optional extra: it is imported only when a kernel is first launched (:class:`lazy_jit`),
 so the package imports without it, and whether a kernel is compiled or interpreted is decided by
@@ -11,12 +16,16 @@ so the package imports without it, and whether a kernel is compiled or interpret
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+from types import ModuleType
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["use_triton", "profiled", "lazy_jit", "next_pow2", "cdiv", "triton_available"]
+__all__ = ["use_triton", "use_cpp", "cpp_ops", "profiled", "lazy_jit", "next_pow2", "cdiv", "triton_available"]
+
+log = logging.getLogger("pfengine")
 
 _TRITON_AVAILABLE: bool | None = None
 
@@ -42,6 +51,46 @@ def use_triton(t: torch.Tensor) -> bool:
                                "triton is first imported")
         return True
     return t.is_cuda and triton_available()
+
+
+_CPP_MODULE: ModuleType | None = None
+_CPP_PATH: str | None = None
+"""What :func:`cpp_ops` found, as logged: the C++ extension or why the torch reference runs."""
+_CPP_LOGGED: set[str] = set()
+
+
+def cpp_ops() -> ModuleType | None:
+    """The compiled ``pfengine._cpp`` module, imported on first use; None when it is not built or does
+    not load (e.g. built against another torch). Logs once which CPU path that leaves."""
+    global _CPP_MODULE, _CPP_PATH
+    if _CPP_PATH is None:
+        try:
+            from pfengine import _cpp
+        except ImportError as e:  # not built (no compiler, PFENGINE_BUILD_CPP=0, ...) or an ABI mismatch
+            _CPP_PATH = f"torch reference (C++ extension not importable: {e or type(e).__name__})"
+        else:
+            _CPP_MODULE = _cpp
+            _CPP_PATH = f"C++ extension (pfengine._cpp, {_cpp.isa()} attention)"
+    if _CPP_PATH not in _CPP_LOGGED:
+        _log_cpu_path(_CPP_PATH)
+    return _CPP_MODULE
+
+
+def _log_cpu_path(what: str) -> None:
+    if what not in _CPP_LOGGED:
+        _CPP_LOGGED.add(what)
+        log.info("CPU kernels: %s", what)
+
+
+def use_cpp(t: torch.Tensor) -> bool:
+    """Whether a kernel on ``t`` (not on the Triton path) runs the C++ extension: CPU tensors, the
+    extension importable, and ``PFENGINE_CPP`` not ``0``."""
+    if t.device.type != "cpu":
+        return False
+    if os.environ.get("PFENGINE_CPP") == "0":
+        _log_cpu_path("torch reference (PFENGINE_CPP=0)")
+        return False
+    return cpp_ops() is not None
 
 
 def profiled(name: str) -> torch.profiler.record_function:

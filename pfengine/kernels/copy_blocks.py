@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pfengine.kernels import cdiv, lazy_jit, next_pow2, profiled, use_triton
+from pfengine.kernels import cdiv, cpp_ops, lazy_jit, next_pow2, profiled, use_cpp, use_triton
 
 tl = None  # triton.language, bound by lazy_jit when a kernel is first launched
 
@@ -16,8 +16,17 @@ def copy_blocks(kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
     destinations, freshly popped free blocks, are)."""
     if use_triton(kv_cache) and kv_cache.is_contiguous():
         copy_blocks_triton(kv_cache, pairs)
+    elif use_cpp(kv_cache) and kv_cache.is_contiguous():
+        copy_blocks_cpp(kv_cache, pairs)
     else:
         copy_blocks_ref(kv_cache, pairs)
+
+
+def copy_blocks_cpp(kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
+    """C++ CPU kernel (``csrc/cache_ops.cpp``): one ``memcpy`` per (pair, K/V x layer) plane."""
+    if pairs.shape[1]:
+        with profiled("copy_blocks"):
+            cpp_ops().copy_blocks(kv_cache, pairs)
 
 
 def copy_blocks_ref(kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:

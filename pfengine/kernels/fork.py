@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from pfengine.kernels import cdiv, lazy_jit, next_pow2, profiled, use_triton
+from pfengine.kernels import cdiv, cpp_ops, lazy_jit, next_pow2, profiled, use_cpp, use_triton
 
 tl = None  # triton.language, bound by lazy_jit when a kernel is first launched
 
@@ -42,7 +42,27 @@ def fork(tables: torch.Tensor, lens: torch.Tensor, ref_counts: torch.Tensor, fre
     partially filled last block). Updates the state tensors in place."""
     if use_triton(tables):
         return fork_triton(tables, lens, ref_counts, free_stack, num_free, rows, ancestors, writes, block_size)
+    if use_cpp(tables) and _cpp_layout(tables, lens, ref_counts, free_stack, num_free):
+        return fork_cpp(tables, lens, ref_counts, free_stack, num_free, rows, ancestors, writes, block_size)
     return fork_ref(tables, lens, ref_counts, free_stack, num_free, rows, ancestors, writes, block_size)
+
+
+def _cpp_layout(tables: torch.Tensor, lens: torch.Tensor, ref_counts: torch.Tensor, free_stack: torch.Tensor,
+                num_free: torch.Tensor) -> bool:
+    """The block manager's dtypes, which the C++ kernel takes (anything else runs the reference)."""
+    return (tables.dtype == torch.int32 and lens.dtype == torch.int64 and ref_counts.dtype == torch.int32
+            and free_stack.dtype == torch.int32 and num_free.dtype == torch.int64
+            and ref_counts.is_contiguous() and free_stack.is_contiguous())
+
+
+def fork_cpp(tables: torch.Tensor, lens: torch.Tensor, ref_counts: torch.Tensor, free_stack: torch.Tensor,
+             num_free: torch.Tensor, rows: torch.Tensor, ancestors: torch.Tensor, writes: torch.Tensor,
+             block_size: int) -> ForkResult:
+    """C++ CPU kernel (``csrc/cache_ops.cpp``): :func:`fork_ref` as one sequential pass over the
+    children (same tables, refcounts, free stack and pairs)."""
+    with profiled("fork"):
+        return ForkResult(*cpp_ops().fork(tables, lens, ref_counts, free_stack, num_free, rows, ancestors, writes,
+                                          int(block_size)))
 
 
 def _empty_result(m: int, dev: torch.device) -> ForkResult:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pfengine.kernels import cdiv, lazy_jit, next_pow2, profiled, use_triton
+from pfengine.kernels import cdiv, cpp_ops, lazy_jit, next_pow2, profiled, use_cpp, use_triton
 
 tl = None  # triton.language, bound by lazy_jit when a kernel is first launched
 
@@ -14,8 +14,18 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     -1 skips the token."""
     if use_triton(k):
         store_kv_triton(k, v, k_cache, v_cache, slots)
+    elif use_cpp(k) and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1:
+        store_kv_cpp(k, v, k_cache, v_cache, slots)
     else:
         store_kv_ref(k, v, k_cache, v_cache, slots)
+
+
+def store_kv_cpp(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slots: torch.Tensor) -> None:
+    """C++ CPU kernel (``csrc/cache_ops.cpp``): converts K/V to the cache dtype as the reference does,
+    then copies each token's rows to its slot."""
+    with profiled("store_kv"):
+        cpp_ops().store_kv(k, v, k_cache, v_cache, slots)
 
 
 def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pfengine.kernels import cdiv, lazy_jit, next_pow2, profiled, use_triton
+from pfengine.kernels import cdiv, cpp_ops, lazy_jit, next_pow2, profiled, use_cpp, use_triton
 
 tl = None  # triton.language, bound by lazy_jit when a kernel is first launched
 
@@ -19,14 +19,29 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     ``context_lens [N]`` tokens to attend to (including the query's own, already stored). Returns
     ``[N, Hq, D]`` in ``q.dtype``; softmax and accumulation in fp32.
 
-    Triton path only: ``num_splits`` partitions each context over that many programs (split-KV,
-    merged by log-sum-exp); ``None`` lets :func:`choose_num_splits` decide from the batch size and
+    Dispatch: Triton (CUDA, or forced), else the C++ kernel on CPU (:func:`pfengine.kernels.use_cpp`),
+    else the torch reference. Triton path only: ``num_splits`` partitions each context over that
+    many programs (split-KV, merged by log-sum-exp); ``None`` lets :func:`choose_num_splits` decide from the batch size and
     ``max_context_len`` (a host-side bound; the table width when not given). Neither changes the
     result beyond rounding."""
     if use_triton(q):
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale,
                                              num_splits=num_splits, max_context_len=max_context_len)
+    if use_cpp(q):
+        return paged_decode_attention_cpp(q, k_cache, v_cache, block_tables, context_lens, scale)
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def paged_decode_attention_cpp(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                               *, num_splits: int | None = None, max_context_len: int | None = None) -> torch.Tensor:
+    """C++ CPU kernel (``csrc/paged_attention.cpp``): reads each particle's blocks in place through its
+    table row (no gather copy); a task is a particle (or some of its kv heads when particles are too
+    few for the threads), each kv head serving its GQA group; online softmax in fp32 over fp32 / bf16
+    / fp16 storage; AVX2+FMA code where the CPU has it. The split-KV arguments are accepted and
+    ignored (each CPU thread already holds many tasks)."""
+    with profiled("paged_attention"):
+        return cpp_ops().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, float(scale))
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pfengine.kernels import lazy_jit, next_pow2, profiled, use_triton
+from pfengine.kernels import cpp_ops, lazy_jit, next_pow2, profiled, use_cpp, use_triton
 
 tl = None  # triton.language, bound by lazy_jit when a kernel is first launched
 
@@ -20,7 +20,19 @@ def resample(weights: torch.Tensor, seg_starts: torch.Tensor, uniforms: torch.Te
     its own ancestor) -- e.g. ``ess >= threshold * n`` computed on the device, without a host sync."""
     if use_triton(weights):
         return resample_triton(weights, seg_starts, uniforms, method, active=active)
+    if use_cpp(weights):
+        return resample_cpp(weights, seg_starts, uniforms, method, active=active)
     return resample_ref(weights, seg_starts, uniforms, method, active=active)
+
+
+def resample_cpp(weights: torch.Tensor, seg_starts: torch.Tensor, uniforms: torch.Tensor, method: str,
+                 *, active: torch.Tensor | None = None) -> torch.Tensor:
+    """C++ CPU kernel (``csrc/cache_ops.cpp``): the reference's fp64 cumsum, normalisation and
+    ``searchsorted(right=True)`` per segment, in one call (identical ancestors)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown resampling method {method!r}")
+    with profiled("resample"):
+        return cpp_ops().resample(weights, seg_starts, uniforms, METHODS[method], active)
 
 
 def resample_ref(weights: torch.Tensor, seg_starts: torch.Tensor, uniforms: torch.Tensor, method: str,

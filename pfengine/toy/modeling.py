@@ -216,3 +216,90 @@ def tagged_sequence(sample: Sampled, tag_id: int, mode: str, cut: int | None = N
 
 def tag_id_of(tokenizer) -> int:
     return tokenizer.convert_tokens_to_ids(STEP_TAG)
+
+
+def prm_batch(samples: list[Sampled], tag_id: int, pad_id: int, mode: str
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, list[list[int]], list[list[int]]]:
+    """A batch of PRM inputs with a tag after every step, in one of the engine's two layouts.
+
+    ``mode="all"`` (``last`` / ``prod`` / ``min`` aggregation): the tags stay in the sequence, every
+    later token reads them; plain causal attention.
+    ``mode="model"`` (``model`` aggregation): the engine scores a tag and drops it again, so no later
+    token ever reads a tag and the next token takes the tag's position. One forward reproduces that
+    for every step at once: a 4-D mask hides each tag from everything after it, and each tag gets
+    the position of the token that follows it.
+
+    Returns ``(ids [B, L], attention mask [B, 1, L, L] or None, position ids or None, tag positions,
+    labels)``."""
+    seqs, tags, labels, content_pos = [], [], [], []
+    for s in samples:
+        ids, pos, is_tag, tp, ys = list(s.prompt), list(range(len(s.prompt))), [False] * len(s.prompt), [], []
+        n_content = len(s.prompt)
+        for (a, e), y in zip(s.spans, s.labels):
+            ids += s.tokens[a:e]
+            pos += list(range(n_content, n_content + e - a))
+            is_tag += [False] * (e - a)
+            n_content += e - a
+            ids.append(tag_id)
+            pos.append(n_content if mode == "model" else len(pos))
+            is_tag.append(True)
+            tp.append(len(ids) - 1)
+            ys.append(int(y))
+        seqs.append((ids, pos, is_tag))
+        tags.append(tp)
+        labels.append(ys)
+    L = max(len(x[0]) for x in seqs)
+    ids_t = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    for i, (ids, _, _) in enumerate(seqs):
+        ids_t[i, :len(ids)] = torch.tensor(ids)
+    if mode == "all":
+        return ids_t, None, None, tags, labels
+    pos_t = torch.zeros((len(seqs), L), dtype=torch.long)
+    mask = torch.zeros((len(seqs), 1, L, L), dtype=torch.bool)
+    causal = torch.ones((L, L), dtype=torch.bool).tril()
+    for i, (ids, pos, is_tag) in enumerate(seqs):
+        n = len(ids)
+        pos_t[i, :n] = torch.tensor(pos)
+        pos_t[i, n:] = torch.arange(pos[-1] + 1, pos[-1] + 1 + L - n)
+        tag = torch.tensor(is_tag + [True] * (L - n))  # pads: hidden like tags, attend to themselves
+        m = causal & ~tag[None, :]
+        m |= torch.eye(L, dtype=torch.bool)
+        mask[i, 0] = m
+    return ids_t, mask, pos_t, tags, labels
+
+
+def prm_hidden(backbone, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor | None,
+               tags: list[list[int]]) -> torch.Tensor:
+    """Backbone hidden states at the tag positions, concatenated over the batch."""
+    h = backbone(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+    return torch.cat([h[i, t] for i, t in enumerate(tags)])
+
+
+def engine_solutions(policy_dir, problems: list[Problem], k: int, temperature: float, seed: int,
+                     chunk: int = 64, max_steps: int = 10, max_step_tokens: int = 32) -> list[Sampled]:
+    """``k`` samples per problem from pfengine itself: one request per problem with ``k`` particles
+    and a constant PRM, so resampling keeps every particle (the ``k`` samples are independent).
+    Siblings share their prompt's KV blocks, and tokens they sample alike are forwarded once."""
+    from pfengine import Engine, EngineConfig
+    from pfengine.toy.pf import pf_request
+
+    n_rows = max(1, min(chunk, len(problems))) * k
+    blocks = n_rows * ((200 + 15) // 16 + 1)
+    engine = Engine(EngineConfig(model=str(policy_dir), num_blocks=blocks, block_size=16, max_particles=n_rows),
+                    prm_fn=lambda prompt, steps: 0.5)
+    tok = engine.tokenizer
+    out: list[Sampled] = []
+    cutter = StepCutter(tok, max_step_tokens)
+    for a in range(0, len(problems), chunk):
+        part = problems[a:a + chunk]
+        reqs = [pf_request(p, n_particles=k, seed=seed * 1_000_003 + a + i, temperature=temperature,
+                           max_steps=max_steps, max_step_tokens=max_step_tokens) for i, p in enumerate(part)]
+        for p, r in zip(part, engine.generate(reqs)):
+            prompt = prompt_ids(tok, p.text)
+            for q in r.particles:
+                s = label(cutter, p, prompt, list(q.token_ids))
+                starts = [b for b, _ in s.spans]
+                if starts != list(q.step_starts)[:len(starts)]:
+                    raise RuntimeError(f"step cutting differs from the engine's: {starts} vs {q.step_starts}")
+                out.append(s)
+    return out

@@ -14,8 +14,8 @@ Its solution applies one operation per step; steps are separated by ``"\\n\\n"``
 
     The answer is \\boxed{359}.
 
-Running values stay in ``[0, 999]`` (an operation that would leave that range is never drawn), so
-every intermediate result has at most three digits. Train and held-out problems are disjoint by
+Every running value has exactly three digits (``[100, 999]``; an operation that would leave that
+range is never drawn). Train and held-out problems are disjoint by
 construction: a problem belongs to the held-out split iff a hash of its text says so, and each
 generator only yields problems of its own split.
 """
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 STEP_SEP = "\n\n"
 MIN_OPS, MAX_OPS = 3, 6
-MAX_VALUE = 999
+MIN_VALUE, MAX_VALUE = 100, 999
 HELDOUT_EVERY = 8
 """One problem in this many (by text hash) is held out."""
 OP_WORD = {"+": "Add", "-": "Subtract"}
@@ -80,19 +80,19 @@ def split_of(text: str) -> str:
 
 
 def random_problem(rng: random.Random, n_ops: int | None = None) -> Problem:
-    """Start in [10, 999]; each operand has 2 or 3 digits (equally likely) and keeps the running
-    value in [0, MAX_VALUE]; the operation is drawn among those that can."""
+    """Start in [MIN_VALUE, MAX_VALUE]; each operand has 2 or 3 digits (equally likely) and keeps the
+    running value in [MIN_VALUE, MAX_VALUE]; the operation is drawn among those that can."""
     n = n_ops if n_ops is not None else rng.randint(MIN_OPS, MAX_OPS)
-    value = rng.randint(10, MAX_VALUE)
+    value = rng.randint(MIN_VALUE, MAX_VALUE)
     start, ops = value, []
     for _ in range(n):
         while True:
             lo, hi = (10, 99) if rng.random() < 0.5 else (100, 999)
-            feasible = [op for op in "+-" if (value + lo <= MAX_VALUE if op == "+" else value - lo >= 0)]
+            feasible = [op for op in "+-" if (value + lo <= MAX_VALUE if op == "+" else value - lo >= MIN_VALUE)]
             if feasible:
                 break
         op = rng.choice(feasible)
-        top = min(hi, MAX_VALUE - value) if op == "+" else min(hi, value)
+        top = min(hi, MAX_VALUE - value) if op == "+" else min(hi, value - MIN_VALUE)
         x = rng.randint(lo, top)
         value = value + x if op == "+" else value - x
         ops.append((op, x))

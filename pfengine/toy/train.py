@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 from transformers.utils import logging as hf_logging
 
-from pfengine.toy.modeling import (Head, Sampled, encode_example, pad_batch, sample_solutions, step_end_hidden,
-                                   tag_id_of, tagged_sequence)
+from pfengine.toy.modeling import (Head, Sampled, encode_example, engine_solutions, pad_batch, prm_batch, prm_hidden,
+                                   sample_solutions, step_end_hidden, tag_id_of)
 from pfengine.toy.task import heldout_set, problems
 from pfengine.toy.tokenizer import build_tokenizer, save_tokenizer
 
@@ -73,6 +73,7 @@ BUDGETS = {
 }
 SAMPLE_TEMPERATURE = 0.8
 MAX_NEW_TOKENS = 128
+MAX_STEP_TOKENS = 32
 MAX_POSITIONS = 512
 
 
@@ -126,7 +127,7 @@ def train_policy(tokenizer, b: Budget, seed: int) -> Qwen2ForCausalLM:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        ema = float(loss) if ema is None else 0.98 * ema + 0.02 * float(loss)
+        ema = float(loss.detach()) if ema is None else 0.98 * ema + 0.02 * float(loss.detach())
         if (step + 1) % 200 == 0 or step + 1 == b.policy_steps:
             log(f"policy step {step + 1}/{b.policy_steps} loss {ema:.4f} ({time.perf_counter() - t0:.0f}s)")
     model.eval()
@@ -140,23 +141,217 @@ def accuracy(samples: list[Sampled]) -> dict[str, float]:
             "step_accuracy": sum(sum(s.labels) for s in samples) / max(1, sum(len(s.labels) for s in samples))}
 
 
-if __name__ == "__main__":
-    import sys
-    torch.set_num_threads(int(sys.argv[1]))
-    steps = int(sys.argv[2])
-    b = BUDGETS["full"]
-    b.policy_steps = steps
+
+# ---------------------------------------------------------------------------------------------
+# Value head on the frozen policy
+# ---------------------------------------------------------------------------------------------
+
+def train_head(hidden: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int, lr: float = 1e-3,
+               batch_size: int = 256) -> Head:
+    """Cross-entropy on precomputed step-end hidden states (the policy stays frozen)."""
+    torch.manual_seed(seed)
+    head = Head(hidden.shape[1])
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    n = len(labels)
+    total = epochs * ((n + batch_size - 1) // batch_size)
+    step = 0
+    for ep in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        tot = 0.0
+        for a in range(0, n, batch_size):
+            idx = perm[a:a + batch_size]
+            loss = F.cross_entropy(head(hidden[idx]), labels[idx])
+            for grp in opt.param_groups:
+                grp["lr"] = lr_at(step, total, lr, min(50, total // 10 + 1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(loss.detach()) * len(idx)
+            step += 1
+        if (ep + 1) % 10 == 0 or ep + 1 == epochs:
+            log(f"value head epoch {ep + 1}/{epochs} loss {tot / n:.4f}")
+    return head.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Separate PRM (Qwen2.5-Math-PRM layout), initialised from the policy's backbone
+# ---------------------------------------------------------------------------------------------
+
+def train_prm(policy: Qwen2ForCausalLM, tokenizer, samples: list[Sampled], b: Budget, seed: int
+              ) -> tuple[torch.nn.Module, Head]:
+    """Fine-tune a copy of the policy's backbone plus a fresh head on step-tag positions. Every batch
+    holds each sample twice, in the engine's two PRM layouts (tags kept / tags dropped), so one
+    checkpoint serves every aggregation."""
+    torch.manual_seed(seed)
+    backbone = Qwen2Model(policy.config)
+    backbone.load_state_dict(policy.model.state_dict())
+    backbone.train()
+    head = Head(policy.config.hidden_size)
+    opt = torch.optim.AdamW([{"params": backbone.parameters(), "lr": b.prm_lr},
+                             {"params": head.parameters(), "lr": b.prm_lr * 3}], weight_decay=0.01)
+    base = [g["lr"] for g in opt.param_groups]
+    tag, pad = tag_id_of(tokenizer), tokenizer.pad_token_id
+    rng = random.Random(seed)
+    order: list[int] = []
+    t0, ema = time.perf_counter(), None
+    for step in range(b.prm_steps):
+        if len(order) < b.prm_batch:
+            more = list(range(len(samples)))
+            rng.shuffle(more)
+            order += more
+        chunk = [samples[i] for i in order[:b.prm_batch]]
+        del order[:b.prm_batch]
+        losses = []
+        for mode in ("all", "model"):
+            ids, mask, pos, tags, labels = prm_batch(chunk, tag, pad, mode)
+            logits = head(prm_hidden(backbone, ids, mask, pos, tags))
+            losses.append(F.cross_entropy(logits, torch.tensor([y for lab in labels for y in lab])))
+        loss = sum(losses) / 2
+        for g, lr in zip(opt.param_groups, base):
+            g["lr"] = lr_at(step, b.prm_steps, lr, b.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(backbone.parameters()) + list(head.parameters()), 1.0)
+        opt.step()
+        ema = float(loss.detach()) if ema is None else 0.97 * ema + 0.03 * float(loss.detach())
+        if (step + 1) % 100 == 0 or step + 1 == b.prm_steps:
+            log(f"prm step {step + 1}/{b.prm_steps} loss {ema:.4f} ({time.perf_counter() - t0:.0f}s)")
+    backbone.eval()
+    return backbone, head.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving in Hugging Face layout
+# ---------------------------------------------------------------------------------------------
+
+def save_policy(model: Qwen2ForCausalLM, tokenizer, head: Head | None, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path))
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     do_sample=True, temperature=SAMPLE_TEMPERATURE, top_p=1.0, top_k=0).save_pretrained(str(path))
+    save_tokenizer(tokenizer, path)
+    if head is not None:
+        save_file(head.state(), str(path / "value_head.safetensors"))
+
+
+def save_prm(backbone: torch.nn.Module, head: Head, config: Qwen2Config, tokenizer, path: Path) -> None:
+    """``config.json`` with ``architectures: ["Qwen2ForProcessRewardModel"]``; ``model.safetensors``
+    with the backbone as ``model.*`` (no ``lm_head``) and the head as ``score.0.*`` / ``score.2.*``."""
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = Qwen2Config.from_dict(config.to_dict())
+    cfg.architectures = ["Qwen2ForProcessRewardModel"]
+    cfg.tie_word_embeddings = False
+    cfg.save_pretrained(str(path))
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in backbone.state_dict().items()}
+    tensors |= head.state()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    save_tokenizer(tokenizer, path)
+
+
+def check_tokenizer(path: Path, tokenizer, samples: list[Sampled]) -> dict:
+    """The saved tokenizer, reloaded as the engine loads it, gives the same ids; decode -> encode
+    round-trips generated ids."""
+    from transformers import AutoTokenizer
+    reloaded = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    texts = [s.problem.text for s in samples[:50]]
+    same = all(reloaded(t)["input_ids"] == tokenizer(t)["input_ids"] for t in texts)
+    same = same and reloaded.get_vocab() == tokenizer.get_vocab()
+    roundtrip = sum(reloaded.encode(reloaded.decode(s.tokens), add_special_tokens=False) == s.tokens for s in samples)
+    return {"reloaded_class": type(reloaded).__name__, "same_ids_after_reload": bool(same),
+            "roundtrip_generated": roundtrip / max(1, len(samples))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def _sampler(kind: str, policy, tokenizer, policy_dir: Path):
+    """``draw(problems, k, temperature, seed) -> list[Sampled]`` with pfengine (default) or a plain
+    transformers sampler (no dependence on the engine; about half as fast here)."""
+    if kind == "engine":
+        return lambda probs, k, temp, seed: engine_solutions(policy_dir, probs, k, temp, seed,
+                                                            max_step_tokens=MAX_STEP_TOKENS)
+    return lambda probs, k, temp, seed: sample_solutions(policy, tokenizer, probs, k, temp, seed,
+                                                         max_new_tokens=MAX_NEW_TOKENS, max_step_tokens=MAX_STEP_TOKENS)
+
+
+def run(out: Path, budget: str = "full", seed: int = 0, sampler: str = "engine") -> dict:
+    b = BUDGETS[budget]
     hf_logging.disable_progress_bar()
-    tok = build_tokenizer()
-    t = time.time()
-    m = train_policy(tok, b, 0)
-    log(f"train {time.time()-t:.0f}s")
-    held = heldout_set(200)
-    t = time.time()
-    g = sample_solutions(m, tok, held, 1, 0.0, 0)
-    log(f"greedy {accuracy(g)} {time.time()-t:.0f}s")
-    t = time.time()
-    s = sample_solutions(m, tok, held, 4, 0.8, 0)
-    log(f"T=0.8 {accuracy(s)} {time.time()-t:.0f}s")
-    m.save_pretrained("/tmp/pol_exp")
-    tok.save_pretrained("/tmp/pol_exp")
+    hf_logging.set_verbosity_error()
+    report: dict = {"budget": budget, "seed": seed, "threads": torch.get_num_threads(), "sampler": sampler,
+                    "config": asdict(b),
+                    "seconds": {}}
+    t_all = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    policy_dir, prm_dir = out / "policy", out / "prm"
+    for d in (policy_dir, prm_dir):
+        if d.exists():
+            shutil.rmtree(d)
+
+    t = time.perf_counter()
+    tokenizer = build_tokenizer(seed=seed)
+    report["vocab_size"] = len(tokenizer)
+    report["seconds"]["tokenizer"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log(f"policy: {asdict(b.policy)}, {b.policy_steps} steps of {b.policy_batch}")
+    policy = train_policy(tokenizer, b, seed)
+    report["policy_params"] = sum(p.numel() for p in policy.parameters())
+    report["seconds"]["policy"] = time.perf_counter() - t
+
+    save_policy(policy, tokenizer, None, policy_dir)
+    draw = _sampler(sampler, policy, tokenizer, policy_dir)
+
+    t = time.perf_counter()
+    label_problems = list(problems("train", seed + 1, b.label_problems))
+    samples = draw(label_problems, b.label_k, SAMPLE_TEMPERATURE, seed + 2)
+    report["label_samples"] = {"samples": len(samples), **accuracy(samples)}
+    report["seconds"]["sample_for_labels"] = time.perf_counter() - t
+    log(f"sampled {len(samples)} solutions for labels in {time.perf_counter() - t:.0f}s: {report['label_samples']}")
+
+    t = time.perf_counter()
+    hidden, labels, _ = step_end_hidden(policy, samples, tokenizer.pad_token_id)
+    head = train_head(hidden, labels, b.head_epochs, seed + 3)
+    save_file(head.state(), str(policy_dir / "value_head.safetensors"))
+    report["seconds"]["value_head"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    backbone, prm_head = train_prm(policy, tokenizer, samples, b, seed + 4)
+    save_prm(backbone, prm_head, policy.config, tokenizer, prm_dir)
+    report["seconds"]["prm"] = time.perf_counter() - t
+    report["tokenizer"] = check_tokenizer(policy_dir, tokenizer, samples)
+
+    # Held-out evaluation of what was saved (the engine loads it from disk).
+    t = time.perf_counter()
+    from pfengine.toy.prm_eval import evaluate
+    held = heldout_set(b.eval_problems)
+    greedy = draw(held, 1, 0.0, seed + 5)
+    sampled = draw(held, b.eval_k, SAMPLE_TEMPERATURE, seed + 6)
+    report["heldout_policy"] = {"greedy": accuracy(greedy), f"T={SAMPLE_TEMPERATURE}": accuracy(sampled)}
+    log(f"held-out policy: {report['heldout_policy']}")
+    report["heldout_prm"] = evaluate(policy_dir, prm_dir, samples=sampled)
+    report["seconds"]["eval"] = time.perf_counter() - t
+    report["seconds"]["total"] = time.perf_counter() - t_all
+    report["bytes"] = {d.name: sum(f.stat().st_size for f in d.iterdir()) for d in (policy_dir, prm_dir)}
+    (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    log(json.dumps({k: report[k] for k in ("heldout_policy", "heldout_prm", "seconds", "bytes")}, indent=2))
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Train the toy policy, value head and PRM.")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="full")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
+    ap.add_argument("--sampler", choices=["engine", "hf"], default="engine",
+                    help="what samples the policy's solutions for labels and evaluation")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    run(a.out, a.budget, a.seed, a.sampler)
+
+
+if __name__ == "__main__":
+    main()

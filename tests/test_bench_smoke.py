@@ -1,0 +1,34 @@
+"""The benchmark harness on a tiny configuration: pfengine, its_hub-style PF and transformers PF do
+the same work, and pfengine forwards every token once (recompute ratio 1.00). vLLM is not run here."""
+import json
+
+import pytest
+
+pytest.importorskip("its_hub")
+
+
+def test_bench_harness_same_work_and_pfengine_recompute_is_one(tmp_path):
+    from bench.harness import build_parser, run
+
+    args = build_parser().parse_args([
+        "--smoke", "--systems", "pfengine,pfengine-head,its_hub,transformers,llama.cpp", "--particles", "4",
+        "--prompts", "2", "--steps", "2", "--step-tokens", "4", "--repeats", "1", "--no-profile",
+        "--model-cache", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--tag", "smoke"])
+    result = run(args)
+    recs = result["records"]
+    assert set(recs) == {"pfengine", "pfengine-head", "its_hub", "transformers"}
+    assert "llama.cpp" in result["skipped"]
+    expected = 2 * 4 * 2 * 4
+    for name, per_n in recs.items():
+        r = per_n["4"]
+        assert r["generated_tokens"] == expected and r["same_work_all_runs"], name
+        assert r["union_tokens"] >= sum(result["prompt_tokens"]), name
+    for name in ("pfengine", "pfengine-head"):
+        assert recs[name]["4"]["policy_recompute"] == 1.0
+    assert recs["pfengine"]["4"]["prm_recompute"] == 1.0
+    # the peers re-read prefixes: more than the union, on the policy and on the PRM
+    for name in ("its_hub", "transformers"):
+        assert recs[name]["4"]["policy_recompute"] > 1.0 and recs[name]["4"]["prm_recompute"] > 1.0
+    saved = json.loads((tmp_path / "out" / "smoke.json").read_text())
+    assert saved["records"]["pfengine"]["4"]["policy_tokens"] == recs["pfengine"]["4"]["policy_tokens"]
+    assert "| pfengine" in (tmp_path / "out" / "smoke.md").read_text()
