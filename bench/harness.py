@@ -57,6 +57,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--no-profile", action="store_true", help="skip the pfengine profile / roofline pass")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--render", metavar="JSON", help="only rebuild the Markdown table and plots of a saved result")
     return p
 
 
@@ -216,7 +217,8 @@ def run(args: argparse.Namespace) -> dict:
                         rec = s.run(wl, ids, seed=args.seed + rep)
                     except Exception as e:  # noqa: BLE001
                         log(traceback.format_exc())
-                        skipped[name] = f"{name} failed at N={n_particles}: {type(e).__name__}: {str(e)[:2000]}"
+                        skipped[f"{name}@N={n_particles}#{rep}"] = (f"{name} failed in repeat {rep} at N={n_particles} (run dropped): "
+                                                            f"{type(e).__name__}: {str(e)[:2000]}")
                         continue
                     rec = derive(rec, wl) | {"system": name, "variant": s.variant, "particles": n_particles,
                                              "repeat": rep, "load_before": load}
@@ -296,6 +298,12 @@ def ratios(result: dict) -> dict:
     return out
 
 
+def _ordered(d: dict) -> dict:
+    """Systems in the canonical order (pfengine first)."""
+    rank = {n: k for k, n in enumerate(ALL_SYSTEMS + ["its_hub-head", "transformers-head"])}
+    return dict(sorted(d.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
 def _fmt(x, spec=".2f", none="—"):
     return none if x is None else format(x, spec)
 
@@ -310,9 +318,9 @@ def markdown(result: dict) -> str:
              f"interleaved repeats. Load average at start {[round(x, 2) for x in m['load_at_start']]}, "
              f"at end {[round(x, 2) for x in m['load_at_end']]} (2 cores, shared).", "",
              "| system | N | wall s (median) | gen tok/s | PRM steps/s | policy tokens | PRM tokens (+tags) | union | "
-             "policy recompute | PRM recompute | pfengine speed-up | same work | peak RSS MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
-    recs = result["records"]
+             "policy recompute | PRM recompute | peer wall ÷ pfengine wall | same work | runs | peak RSS MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    recs = _ordered(result["records"])
     ref = recs.get("pfengine", {})
     ns = sorted({int(n) for r in recs.values() for n in r})
     for n in ns:
@@ -326,15 +334,17 @@ def markdown(result: dict) -> str:
                 f"{r['policy_tokens']} | {r['prm_tokens']} (+{r['prm_tags']}) | {r['union_tokens']} | "
                 f"{r['policy_recompute']:.2f} | {_fmt(r['prm_recompute'])} | "
                 f"{'1.00 (ref)' if name == 'pfengine' else _fmt(speed)}× | "
-                f"{'yes' if r['same_work_all_runs'] else 'NO'} ({r['generated_tokens']}) | {r['peak_rss_mb']:.0f} |")
+                f"{'yes' if r['same_work_all_runs'] else 'NO'} ({r['generated_tokens']}) | {len(r['wall_s_runs'])} | "
+                f"{r['peak_rss_mb']:.0f} |")
     lines += ["", "Runs (wall s): " + "; ".join(
         f"{name} N={n}: {', '.join(format(x, '.2f') for x in r['wall_s_runs'])}"
         for name, per_n in recs.items() for n, r in per_n.items())]
     if result["skipped"]:
         lines += ["", "Skipped / failed:"] + [f"- {why}" for why in result["skipped"].values()]
-    lines += ["", "pfengine speed-up (peer wall time / pfengine wall time, separate PRM):", "",
+    lines += ["", "pfengine's speed-up over each peer = peer wall time ÷ pfengine (separate PRM) wall time "
+                  "(> 1: pfengine faster; < 1: pfengine slower):", "",
               "| peer | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---:|" * len(ns)]
-    for name, per_n in result["ratios"].items():
+    for name, per_n in _ordered(result["ratios"]).items():
         lines.append(f"| {name} | " + " | ".join(_fmt(per_n.get(str(n)), ".2f") + "×" if per_n.get(str(n)) else "—"
                                                  for n in ns) + " |")
     prof = result.get("profile")
@@ -375,7 +385,7 @@ def plots(result: dict, out_dir: Path, tag: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, per_n in result["records"].items():
+    for name, per_n in _ordered(result["records"]).items():
         ns = sorted(int(n) for n in per_n)
         ax.plot(ns, [per_n[str(n)]["gen_tok_s"] for n in ns], marker="o", label=name)
     ax.set_xscale("log", base=2)
@@ -406,8 +416,21 @@ def plots(result: dict, out_dir: Path, tag: str) -> None:
         plt.close(fig)
 
 
+def render(json_file: str | Path) -> str:
+    """Rebuild the Markdown table and the plots of a saved result."""
+    path = Path(json_file)
+    result = json.loads(path.read_text())
+    md = markdown(result)
+    path.with_suffix(".md").write_text(md)
+    plots(result, path.parent, result["tag"])
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.render:
+        print(render(args.render))
+        return 0
     run(args)
     return 0
 
