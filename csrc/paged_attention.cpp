@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -300,37 +301,29 @@ PF_AVX2 void softmax_update(float* s, int64_t nt, float* m, float* l, float* acc
   }
 }
 
-template <KvType KT>
-PF_AVX2 void qk_all(const float* q, int64_t G, int64_t D, const void* kp, int64_t s_kt, int64_t nt, float* s,
-                    int64_t B, const void* next) {
+// Calls f(std::integral_constant<int, NG>{}, g, next) for query heads [g, g + NG): groups of 4, then
+// one of the 3, 2 or 1 left over. Only the first group gets `next` (the next block's rows to prefetch).
+template <typename F>
+PF_AVX2 inline void head_groups(int64_t G, const void* next, F&& f) {
   int64_t g = 0;
-  for (; g + 4 <= G; g += 4, next = nullptr) qk_group<KT, 4>(q + g * D, D, kp, s_kt, nt, s + g * B, B, next);
+  for (; g + 4 <= G; g += 4, next = nullptr) f(std::integral_constant<int, 4>{}, g, next);
   switch (G - g) {
-    case 3: qk_group<KT, 3>(q + g * D, D, kp, s_kt, nt, s + g * B, B, next); break;
-    case 2: qk_group<KT, 2>(q + g * D, D, kp, s_kt, nt, s + g * B, B, next); break;
-    case 1: qk_group<KT, 1>(q + g * D, D, kp, s_kt, nt, s + g * B, B, next); break;
-    default: break;
-  }
-}
-
-template <KvType KT>
-PF_AVX2 void pv_all(const float* p, int64_t G, int64_t B, const void* vp, int64_t s_vt, int64_t nt, float* acc,
-                    int64_t D, const void* next) {
-  int64_t g = 0;
-  for (; g + 4 <= G; g += 4, next = nullptr) pv_group<KT, 4>(p + g * B, B, vp, s_vt, nt, acc + g * D, D, next);
-  switch (G - g) {
-    case 3: pv_group<KT, 3>(p + g * B, B, vp, s_vt, nt, acc + g * D, D, next); break;
-    case 2: pv_group<KT, 2>(p + g * B, B, vp, s_vt, nt, acc + g * D, D, next); break;
-    case 1: pv_group<KT, 1>(p + g * B, B, vp, s_vt, nt, acc + g * D, D, next); break;
+    case 3: f(std::integral_constant<int, 3>{}, g, next); break;
+    case 2: f(std::integral_constant<int, 2>{}, g, next); break;
+    case 1: f(std::integral_constant<int, 1>{}, g, next); break;
     default: break;
   }
 }
 
 template <KvType KT>
 PF_AVX2 void block_avx2(const HeadBlock<typename Storage<KT>::T>& hb, int64_t G, int64_t D, int64_t B) {
-  qk_all<KT>(hb.q, G, D, hb.k, hb.s_kt, hb.nt, hb.s, B, hb.next_k);
+  head_groups(G, hb.next_k, [&](auto ng, int64_t g, const void* next) PF_AVX2 {
+    qk_group<KT, decltype(ng)::value>(hb.q + g * D, D, hb.k, hb.s_kt, hb.nt, hb.s + g * B, B, next);
+  });
   for (int64_t g = 0; g < G; ++g) softmax_update(hb.s + g * B, hb.nt, hb.m + g, hb.l + g, hb.acc + g * D, D);
-  pv_all<KT>(hb.s, G, B, hb.v, hb.s_vt, hb.nt, hb.acc, D, hb.next_v);
+  head_groups(G, hb.next_v, [&](auto ng, int64_t g, const void* next) PF_AVX2 {
+    pv_group<KT, decltype(ng)::value>(hb.s + g * B, B, hb.v, hb.s_vt, hb.nt, hb.acc + g * D, D, next);
+  });
 }
 
 bool cpu_has_avx2() {

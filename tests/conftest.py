@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,6 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+pytest.register_assert_rewrite("kernel_cases", "kernel_paths")
 
 from pfengine.random_model import save_random_model, save_random_prm, save_value_head  # noqa: E402
 
@@ -38,6 +41,19 @@ def _triton_path(request, monkeypatch):
     if not torch.cuda.is_available() and type(triton.language.standard.zeros).__name__ != "InterpretedFunction":
         pytest.fail("triton was imported before TRITON_INTERPRET=1 was set", pytrace=False)
     monkeypatch.setenv("PFENGINE_TRITON", "1")
+
+
+@pytest.fixture(autouse=True)
+def _cpp_path(request, monkeypatch):
+    """Tests marked ``cpp`` run the kernels' default CPU dispatch, which takes the C++ extension; they
+    are skipped when ``pfengine._cpp`` is not built (a built one must load)."""
+    if request.node.get_closest_marker("cpp") is None:
+        return
+    if importlib.util.find_spec("pfengine._cpp") is None:
+        pytest.skip("pfengine._cpp is not built (pip install --no-build-isolation -e .)")
+    importlib.import_module("pfengine._cpp")
+    monkeypatch.delenv("PFENGINE_TRITON", raising=False)
+    monkeypatch.delenv("PFENGINE_CPP", raising=False)
 
 
 @pytest.fixture(scope="session")

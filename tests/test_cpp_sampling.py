@@ -1,24 +1,14 @@
 """C++ fused temperature sampling (pfengine._cpp) draws exactly the reference's tokens: same softmax,
 same fp64 running sums, same search -- and pfengine.sampling.sample takes it for plain sampling."""
-import importlib.util
-
 import pytest
 import torch
 
-if importlib.util.find_spec("pfengine._cpp") is None:
-    pytest.skip("pfengine._cpp is not built (pip install --no-build-isolation -e .)", allow_module_level=True)
+from pfengine.config import SamplingParams
+from pfengine.kernels import sampling as ks
+from pfengine.kernels.sampling import temperature_sample_cpp, temperature_sample_ref
+from pfengine.sampling import sample
 
-from pfengine import _cpp  # noqa: E402,F401  (built: it must load)
-from pfengine.config import SamplingParams  # noqa: E402
-from pfengine.kernels import sampling as ks  # noqa: E402
-from pfengine.kernels.sampling import temperature_sample_cpp, temperature_sample_ref  # noqa: E402
-from pfengine.sampling import sample  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _cpu_dispatch(monkeypatch):
-    monkeypatch.delenv("PFENGINE_TRITON", raising=False)
-    monkeypatch.delenv("PFENGINE_CPP", raising=False)
+pytestmark = pytest.mark.cpp
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -2,87 +2,41 @@
 unbiased offspring counts (chi-square at a fixed level, deterministic seeds) and lower offspring
 variance for systematic / stratified than for multinomial."""
 import math
+from functools import partial
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
-triton = pytest.importorskip("triton")
+from kernel_cases import (W8, check_resample, check_resample_active_single_and_empty, check_resample_degenerate,
+                          replicate_ancestors, segments)
+from pfengine.kernels.resample import METHODS, resample, resample_ref, resample_triton
 
-from pfengine.kernels.resample import METHODS, resample, resample_ref, resample_triton  # noqa: E402
+pytest.importorskip("triton")
 
 pytestmark = pytest.mark.triton
 
-W8 = torch.tensor([0.26, 0.19, 0.155, 0.13, 0.11, 0.085, 0.05, 0.02])  # N * w never an integer
 ALPHA_Z = 3.090  # standard normal quantile at 1 - 0.001: every chi-square test runs at level 0.001
-
-
-
-def _segments(sizes, seed, power=3.0):
-    g = torch.Generator().manual_seed(seed)
-    seg = torch.tensor([0, *np.cumsum(sizes).tolist()], dtype=torch.int64)
-    w = torch.rand(int(seg[-1]), generator=g) ** power
-    for lo, hi in zip(seg[:-1].tolist(), seg[1:].tolist()):
-        if hi > lo:
-            w[lo:hi] /= w[lo:hi].sum()
-    return w, seg, torch.rand(int(seg[-1]), generator=g)
-
-
-def _numpy_resample(w, seg, u, method):
-    out = np.arange(len(w))
-    for lo, hi in zip(seg[:-1].tolist(), seg[1:].tolist()):
-        n = hi - lo
-        if n == 0:
-            continue
-        cdf = np.cumsum(w[lo:hi].double().numpy())
-        cdf /= cdf[-1]
-        uu = u[lo:hi].double().numpy()
-        points = {"systematic": (np.arange(n) + uu[0]) / n, "stratified": (np.arange(n) + uu) / n,
-                  "multinomial": uu}[method]
-        out[lo:hi] = lo + np.minimum(np.searchsorted(cdf, points, side="right"), n - 1)
-    return torch.from_numpy(out)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("sizes,block", [([5, 0, 1, 24], None), ([5, 0, 1, 24], 16), ([3, 40], 16)])
 def test_matches_reference_and_numpy(method, sizes, block):
-    w, seg, u = _segments(sizes, seed=len(sizes) * 7 + (block or 0))
-    got = resample_triton(w, seg, u, method, block=block)
-    assert got.dtype == torch.int64
-    assert torch.equal(got, resample_ref(w, seg, u, method))
-    assert torch.equal(got, _numpy_resample(w, seg, u, method))
-    lo = seg[:-1].repeat_interleave(seg[1:] - seg[:-1])
-    hi = seg[1:].repeat_interleave(seg[1:] - seg[:-1])
-    assert bool(((got >= lo) & (got < hi)).all()), "an ancestor left its segment"
+    w, seg, u = segments(sizes, seed=len(sizes) * 7 + (block or 0))
+    check_resample(partial(resample_triton, block=block), method, w, seg, u)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_all_weight_on_one_particle_zero_weights_and_extreme_uniforms(method):
-    w = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.3, 0.0, 0.7, 0.0])
-    seg = torch.tensor([0, 4, 8])
-    rand = torch.rand(8, generator=torch.Generator().manual_seed(3))
-    for u in (torch.zeros(8), torch.full((8,), 1 - 2 ** -24), rand):
-        got = resample(w, seg, u, method)
-        assert torch.equal(got, resample_ref(w, seg, u, method))
-        assert torch.equal(got[:4], torch.full((4,), 2)), "all weight on particle 2"
-        assert set(got[4:].tolist()) <= {4, 6}, "a zero-weight particle was drawn"
+    check_resample_degenerate(resample, method)
 
 
 def test_active_mask_single_particle_and_empty():
-    w, seg, u = _segments([4, 1, 6], seed=5)
-    active = torch.tensor([True, True, False])
-    got = resample(w, seg, u, "systematic", active=active)
-    assert torch.equal(got, resample_ref(w, seg, u, "systematic", active=active))
-    assert torch.equal(got[5:], torch.arange(5, 11)), "an inactive segment keeps its particles"
-    assert int(got[4]) == 4, "a single particle is its own ancestor"
-    empty = resample(torch.zeros(0), torch.tensor([0]), torch.zeros(0), "stratified")
-    assert empty.shape == (0,) and empty.dtype == torch.int64
-    with pytest.raises(ValueError):
-        resample(w, seg, u, "residual")
+    check_resample_active_single_and_empty(resample)
 
 
 def test_profiler_range():
-    w, seg, u = _segments([4], seed=6)
+    w, seg, u = segments([4], seed=6)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         resample(w, seg, u, "multinomial")
     assert "pfengine::resample" in {e.name for e in prof.events()}
@@ -92,12 +46,9 @@ def test_profiler_range():
 # Statistics. Each replicate is one segment (an independent request with the same weights).
 
 def _replicates(fn, method, reps, seed, weights=W8):
-    n = weights.numel()
-    g = torch.Generator().manual_seed(seed)
-    seg = torch.arange(reps + 1, dtype=torch.int64) * n
-    anc = fn(weights.repeat(reps), seg, torch.rand(reps * n, generator=g), method)
-    local = (anc - seg[:-1].repeat_interleave(n)).view(reps, n)
-    return torch.nn.functional.one_hot(local, n).sum(1).double().numpy()  # [reps, n] offspring counts
+    """``[reps, N]`` offspring counts."""
+    anc = replicate_ancestors(fn, method, reps, seed, weights)
+    return torch.nn.functional.one_hot(anc, weights.numel()).sum(1).double().numpy()
 
 
 def _chi2_quantile(df, z=ALPHA_Z):
