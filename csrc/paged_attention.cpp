@@ -1,8 +1,10 @@
 // Paged decode attention on CPU: one query token per particle against its KV blocks, read in place
-// through the block table (no gather copy). GQA: a task is one (particle, kv head) pair and serves
-// the kv head's whole group of query heads, so each K/V row is loaded once per group. Softmax is
-// online (per block: block max, rescale, exp, accumulate P V) with fp32 accumulation for fp32, bf16
-// and fp16 cache storage.
+// through the block table (no gather copy). A task is one particle -- or a range of its kv heads
+// when there are too few particles to keep every thread busy -- and walks its blocks in table order,
+// each block's [B, Hkv, D] rows in memory order, prefetching the next block's rows as it goes. GQA:
+// each kv head serves its whole group of query heads, so each K/V row is loaded once per group.
+// Softmax is online (per block: block max, rescale, exp, accumulate P V) with fp32 accumulation for
+// fp32, bf16 and fp16 cache storage. Tasks run on torch's intra-op threads (at::parallel_for).
 //
 // Two code paths: AVX2 + FMA + F16C intrinsics (compiled with a function-level target attribute and
 // picked at run time, so the extension still loads on CPUs without AVX2) when the head dim is a
@@ -179,15 +181,15 @@ PF_AVX2 inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-// Scores of NG query heads (rows of q, stride D) against the block's nt keys: s[g * B + t].
 // Prefetch one row of `bytes` (a K or V row of the next block) into L1, a line at a time.
 inline void prefetch_row(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
 }
 
-// The prefetches of the next block are spread over this block's rows (a burst of them would
-// fill the line-fill buffers and stall the loads the arithmetic waits for).
+// Scores of NG query heads (rows of q, stride D) against the block's nt keys: s[g * B + t]. The
+// prefetches of the next block's keys (`next`, or null) are spread over this block's rows: a burst
+// of them would fill the line-fill buffers and stall the loads the arithmetic waits for.
 template <KvType KT, int NG>
 PF_AVX2 void qk_group(const float* q, int64_t D, const void* kp, int64_t s_kt, int64_t nt, float* s, int64_t B,
                       const void* next) {
@@ -231,7 +233,8 @@ PF_AVX2 void qk_group(const float* q, int64_t D, const void* kp, int64_t s_kt, i
   }
 }
 
-// acc[g] += sum_t p[g * B + t] * v[t] for NG heads; each V chunk is loaded once for the group.
+// acc[g] += sum_t p[g * B + t] * v[t] for NG heads; each V chunk is loaded once for the group, and
+// the next block's value rows are prefetched along the way.
 template <KvType KT, int NG>
 PF_AVX2 void pv_group(const float* p, int64_t B, const void* vp, int64_t s_vt, int64_t nt, float* acc, int64_t D,
                       const void* next) {
