@@ -49,11 +49,12 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _add_engine_options(p: argparse.ArgumentParser, model_required: bool) -> None:
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", required=model_required, metavar="DIR",
+    g.add_argument("--model", metavar="DIR",
                    help="local Hugging Face checkpoint directory of the policy (config.json, safetensors, "
-                        "tokenizer.json)" + ("" if model_required else "; default: the demo's random model"))
+                        "tokenizer.json); default: the bundled toy policy (pfengine/toy/checkpoints) with its value "
+                        "head as PRM")
     g.add_argument("--prm", metavar="PATH",
                    help="process reward model: a PRM directory (Qwen2.5-Math-PRM layout) or a value-head "
                         ".safetensors file for the policy; needed by every method but greedy and self_consistency")
@@ -133,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="held-out problems to evaluate (default 100; the README's table uses 200)")
     demo.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16],
                       help="budgets (particles / samples / beams) to compare (default 4 8 16)")
-    demo.add_argument("--prm-kind", choices=["value_head", "model"], default="value_head",
-                      help="the toy PRM to use: the value head on the policy (default) or the separate PRM model")
+    demo.add_argument("--prm-kind", choices=["value_head", "model"], default="model",
+                      help="the toy PRM to use: the separate PRM model (default; the better judge on held-out "
+                           "steps) or the value head on the policy")
     demo.add_argument("--out", default="out/demo", help="where the table (results.md / .json) and plot go")
     demo.add_argument("--no-eval", action="store_true", help="only the traced run, no evaluation")
     _add_request_options(demo)
@@ -143,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="solve one prompt with a local checkpoint",
                          description="Run one request to completion and print the answer with a table of the "
                                      "particles (weight, PRM score, steps, text), or everything as JSON.")
-    _add_engine_options(gen, model_required=True)
+    _add_engine_options(gen)
     gen.add_argument("--prompt", required=True, help="the problem text ('-' reads it from stdin)")
     gen.add_argument("--chat", action="store_true",
                      help="send the prompt as a user message through the model's chat template")
@@ -156,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "ordinary completions (n samples); the extension object "
                                      "\"search\": {\"method\": \"particle_filter\", \"particles\": 16, ...} selects a "
                                      "search method. See pfengine/server.py for the schema.")
-    _add_engine_options(srv, model_required=True)
+    _add_engine_options(srv)
     g = srv.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
@@ -168,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Submit --requests requests of the same shape (up to --concurrency in flight; "
                                        "they batch together), run them to completion and report generated tokens/s, "
                                        "tokens forwarded/s and request latencies. A warm-up request runs first.")
-    _add_engine_options(bench, model_required=False)
+    _add_engine_options(bench)
     g = bench.add_argument_group("workload")
     g.add_argument("--requests", type=int, default=8, help="number of requests (default 8)")
     g.add_argument("--concurrency", type=int, default=0, help="requests in flight at once (default 0: all)")
@@ -188,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "phase table (prefill / decode forward / PRM decode / sampling / PRM scoring / "
                                       "resample+fork / other) computed from the trace's pfengine::* ranges. Kernel "
                                       "launches are labelled pfengine::<kernel>.")
-    _add_engine_options(prof, model_required=False)
+    _add_engine_options(prof)
     g = prof.add_argument_group("profile")
     g.add_argument("--prompt", default=DEMO_PROMPT, help="the request's prompt")
     g.add_argument("--out", default="pfengine-trace.json",
@@ -234,8 +236,8 @@ def make_engine(args: argparse.Namespace) -> Engine:
 
     model, prm = getattr(args, "model", None), getattr(args, "prm", None)
     if model is None:
-        model = _demo_checkpoint(quiet=args.json)
-        prm = prm or str(DEMO_DIR / "value_head.safetensors")
+        model, default_prm = default_checkpoint(quiet=getattr(args, "json", False))
+        prm = prm or default_prm
     return Engine(EngineConfig(model=model, prm=prm, num_blocks=getattr(args, "num_blocks", 2048),
                                block_size=getattr(args, "block_size", 16),
                                kv_dtype=getattr(args, "kv_dtype", "float32"),
@@ -280,17 +282,25 @@ def run_with_progress(engine: Engine, request: Request, disable: bool = False) -
     raise RuntimeError("request ended without a result")
 
 
-def _demo_checkpoint(quiet: bool = False) -> str:
-    from pfengine.random_model import save_random_model, save_value_head
+def default_checkpoint(quiet: bool = False) -> tuple[str, str]:
+    """(policy, PRM) used when no --model is given: the bundled trained toy policy with its value head,
+    or -- in a copy without the bundled weights -- a random-weight model built in DEMO_DIR."""
+    from pfengine.toy.pf import POLICY, VALUE_HEAD, is_bundled
 
     out = sys.stderr if quiet else sys.stdout
-    if not (DEMO_DIR / "value_head.safetensors").is_file():
-        print(f"Building a random-weight Qwen2 checkpoint in {DEMO_DIR} (no trained model is bundled yet; "
+    if is_bundled():
+        print(f"Model: {POLICY} (bundled toy policy) + value-head PRM {VALUE_HEAD}", file=out)
+        return str(POLICY), str(VALUE_HEAD)
+    from pfengine.random_model import save_random_model, save_value_head
+
+    head = DEMO_DIR / "value_head.safetensors"
+    if not head.is_file():
+        print(f"Building a random-weight Qwen2 checkpoint in {DEMO_DIR} (the bundled toy checkpoints are missing; "
               "its text is noise, but it loads and runs through the same path as any HF checkpoint).", file=out)
         save_random_model(DEMO_DIR, "qwen2", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2)
-        save_value_head(DEMO_DIR / "value_head.safetensors", 128)
-    print(f"Model: {DEMO_DIR} (random weights) + value-head PRM {DEMO_DIR / 'value_head.safetensors'}", file=out)
-    return str(DEMO_DIR)
+        save_value_head(head, 128)
+    print(f"Model: {DEMO_DIR} (random weights) + value-head PRM {head}", file=out)
+    return str(DEMO_DIR), str(head)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,21 +308,22 @@ def _demo_checkpoint(quiet: bool = False) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pfengine.toy import evaluate
+    from pfengine.toy.pf import POLICY, PRM, VALUE_HEAD, is_bundled
 
-    policy = evaluate.CHECKPOINTS / "policy"
-    if not (policy / "config.json").is_file():
+    if not is_bundled():
         args.model, args.prm = None, None
         return _generate(args, make_engine(args), DEMO_PROMPT)
     from pfengine.config import EngineConfig
     from pfengine.engine import Engine
+    from pfengine.toy import evaluate
     from pfengine.toy.task import heldout_set
 
-    prm = policy / "value_head.safetensors" if args.prm_kind == "value_head" else evaluate.CHECKPOINTS / "prm"
-    print(f"Model: {policy} (trained toy policy) + PRM {prm}\n")
-    engine = Engine(EngineConfig(model=str(policy), prm=str(prm), num_blocks=8192, max_particles=4096))
+    prm = VALUE_HEAD if args.prm_kind == "value_head" else PRM
+    print(f"Model: {POLICY} (bundled toy policy) + PRM {prm}\n")
+    engine = Engine(EngineConfig(model=str(POLICY), prm=str(prm), num_blocks=8192, max_particles=4096))
     problems = heldout_set(max(args.problems, 1))
-    evaluate.trace_one(engine, problems[0], budget=8, seed=args.seed)
+    evaluate.trace_one(engine, evaluate.hard_problem(engine, problems[:50], args.seed), budget=args.particles,
+                       seed=args.seed)
     if args.no_eval:
         return 0
     rows = evaluate.evaluate(engine, problems[:args.problems], tuple(args.budgets), seed=args.seed)
@@ -366,7 +377,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pfengine.server import serve
 
     engine = make_engine(args)
-    print(f"pfengine: serving {args.served_model_name or args.model} on http://{args.host}:{args.port}/v1",
+    print(f"pfengine: serving {args.served_model_name or engine.config.model} on http://{args.host}:{args.port}/v1",
           file=sys.stderr)
     serve(engine, host=args.host, port=args.port, served_model_name=args.served_model_name, log_level=args.log_level)
     return 0

@@ -243,8 +243,9 @@ class Engine:
         roots = [r.root_row for r in admitted]
         hidden = self.policy.extend(roots, [r.prompt_ids for r in admitted])
         logits = self.policy.decoder.logits(hidden)
-        if self.prm_runner is not None:
-            self.prm_runner.extend(roots, [r.prompt_ids for r in admitted])
+        scored = [r for r in admitted if r.request.search.uses_prm]
+        if self.prm_runner is not None and scored:
+            self.prm_runner.extend([r.root_row for r in scored], [r.prompt_ids for r in scored])
         for k, r in enumerate(admitted):
             r.started = time.perf_counter()
             r.stats.prompt_tokens = len(r.prompt_ids)
@@ -283,9 +284,11 @@ class Engine:
         with record_function("pfengine::decode"):
             hidden = self.policy.decode(rows_t, tokens_t)
             logits = self.policy.decoder.logits(hidden)
-        if self.prm_runner is not None:  # the PRM reads every token once, in step with the policy
+        scored = [k for k, (r, _) in enumerate(forwarded) if r.request.search.uses_prm]
+        if self.prm_runner is not None and scored:  # the PRM reads every token once, in step with the policy
             with record_function("pfengine::prm_decode"):
-                self.prm_runner.decode(rows_t, tokens_t)
+                keep = torch.tensor(scored)
+                self.prm_runner.decode(rows_t[keep], tokens_t[keep])
         for k, (r, i) in enumerate(forwarded):
             r.hidden[i], r.logits[i] = hidden[k], logits[k]
         if dups:

@@ -29,12 +29,11 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-import torch
 from its_hub.api import AbstractLanguageModel, AbstractProcessRewardModel, ChatMessage, ChatMessages, GenerationUsage
 
 from pfengine.config import AGGREGATIONS, Request, SamplingParams, SearchParams
 from pfengine.engine import Engine
-from pfengine.prompting import NO_DELIMITER, chat_prompt, encode_prompt, normalise_messages, stop_list, trim_at_stop
+from pfengine.prompting import NO_DELIMITER, chat_prompt, normalise_messages, stop_list, trim_at_stop
 from pfengine.state import PFResult
 
 __all__ = ["EngineLanguageModel", "EngineProcessRewardModel"]

@@ -81,7 +81,7 @@ class Scheduler:
             for i, p in enumerate(r.particles):
                 if not (p.step_done or p.finished):
                     policy_rows.append(r.rows[i])
-                if not (p.frozen or p.held):
+                if r.request.search.uses_prm and not (p.frozen or p.held):
                     prm_rows.append(r.rows[i])
                     prm_new.append(1 if p.step_done or p.finished else 2)
         policy, *prm = self.runners

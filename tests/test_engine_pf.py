@@ -1,6 +1,5 @@
 """Step-wise particle filtering end to end on a tiny model with callable PRMs."""
 import pytest
-import torch
 
 from pfengine import Engine, EngineConfig, SearchParams, Request, SamplingParams
 

@@ -6,7 +6,6 @@ from transformers import AutoModelForCausalLM
 
 from pfengine import Engine, EngineConfig, PRMConfig, Request, SamplingParams, SearchParams
 from pfengine.random_model import save_random_model
-from pfengine.search.answers import extract_answer
 
 
 def req(method: str, n: int = 8, seed: int = 0, max_steps: int = 4, step_tokens: int = 5, **search) -> Request:
@@ -166,6 +165,23 @@ def test_no_token_is_forwarded_twice(policy_dir, prm_dir, method, extra):
     assert stats["policy_tokens_forwarded"] == expected
     assert stats["prm_tokens_forwarded"] == expected
     assert stats["policy_blocks_in_use"] == stats["prm_blocks_in_use"] == 0
+
+
+def test_methods_without_a_prm_never_forward_it(policy_dir, prm_dir):
+    """Greedy and self-consistency beside a PF request on an engine with a PRM model: the PRM reads
+    the PF request's tokens only, and the PRM-free results equal those of an engine without a PRM."""
+    engine = Engine(EngineConfig(model=policy_dir, prm=prm_dir, num_blocks=512, block_size=8))
+    plain = Engine(EngineConfig(model=policy_dir, num_blocks=512, block_size=8))
+    free = [req("greedy", n=1, max_steps=3), req("self_consistency", n=4, seed=2, max_steps=3)]
+    pf = req("particle_filter", n=4, seed=3, max_steps=3, aggregation="last")
+    with_prm = engine.generate(free + [pf])
+    stats = engine.stats()
+    pf_result = with_prm[-1]
+    assert stats["prm_tokens_forwarded"] == distinct(pf_result.stats.prompt_tokens,
+                                                     [t for tr in pf_result.trace for t in tr.tokens])
+    assert stats["prm_blocks_in_use"] == stats["policy_blocks_in_use"] == 0
+    for a, b in zip(with_prm[:2], plain.generate(free)):
+        assert [p.token_ids for p in a.particles] == [p.token_ids for p in b.particles]
 
 
 def test_math_shepherd_prm_matches_from_scratch(policy_dir, tmp_path):

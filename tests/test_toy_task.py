@@ -1,8 +1,9 @@
 """The toy arithmetic task: generator, step checker, answer extraction."""
 import pytest
 
-from pfengine.toy.task import (MAX_OPS, MAX_VALUE, MIN_OPS, MIN_VALUE, Problem, check_solution, check_step, check_steps,
-                               extract_answer, heldout_set, parse_problem, problems, split_steps)
+from pfengine.toy.task import (MAX_OPERAND, MAX_OPS, MAX_VALUE, MIN_OPERAND, MIN_OPS, MIN_VALUE, Problem,
+                               check_solution, check_step, check_steps, extract_answer, heldout_set, parse_problem,
+                               problems, split_steps)
 
 P = Problem(47, (("+", 385), ("-", 129), ("+", 56)))
 REF = "47 + 385 = 432\n\n432 - 129 = 303\n\n303 + 56 = 359\n\nThe answer is \\boxed{359}."
@@ -85,7 +86,7 @@ def test_generators_are_seeded_disjoint_and_in_range():
     for p in a + held:
         assert MIN_OPS <= len(p.ops) <= MAX_OPS
         assert all(MIN_VALUE <= v <= MAX_VALUE for v in p.values())  # always three digits
-        assert all(10 <= x <= 999 for _, x in p.ops)
+        assert all(MIN_OPERAND <= x <= MAX_OPERAND for _, x in p.ops)
         assert check_solution(p, p.solution).correct
     assert {len(p.ops) for p in a} == set(range(MIN_OPS, MAX_OPS + 1))
     assert {op for p in a for op, _ in p.ops} == {"+", "-"}

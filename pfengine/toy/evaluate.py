@@ -13,12 +13,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pfengine.config import Request, SamplingParams, SearchParams
+from pfengine.config import Request
 from pfengine.engine import Engine
 from pfengine.state import PFResult
+from pfengine.toy.pf import pf_request
 from pfengine.toy.task import Problem, extract_answer
 
-CHECKPOINTS = Path(__file__).parent / "checkpoints"
 METHODS = ("best_of_n", "weighted_best_of_n", "self_consistency", "beam_search", "dvts", "particle_filter")
 LABELS = {"greedy": "Greedy", "best_of_n": "BoN", "weighted_best_of_n": "Weighted BoN",
           "self_consistency": "Self-consistency", "beam_search": "Beam search", "dvts": "DVTS",
@@ -45,15 +45,9 @@ class Row:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def sampling(seed: int, temperature: float = 0.8) -> SamplingParams:
-    return SamplingParams(temperature=temperature, seed=seed, max_steps=8, max_step_tokens=24)
-
-
 def request(problem: Problem, method: str, budget: int, seed: int) -> Request:
-    beam_width = 4 if budget >= 4 else budget
-    return Request(prompt=problem.messages(), sampling=sampling(seed),
-                   search=SearchParams(method=method, n_particles=budget, beam_width=beam_width),
-                   reference_answer=str(problem.answer))
+    """Beam search and DVTS keep ``budget`` beams in groups of (at most) 4, as search-and-learn does."""
+    return pf_request(problem, n_particles=budget, seed=seed, method=method, beam_width=min(4, budget))
 
 
 def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -140,6 +134,13 @@ def write_report(rows: list[Row], out: Path) -> None:
     (out / "results.md").write_text(markdown(rows) + "\n")
     (out / "results.json").write_text(json.dumps([asdict(r) | {"accuracy": r.accuracy} for r in rows], indent=1))
     plot(rows, out / "accuracy_vs_budget.png")
+
+
+def hard_problem(engine: Engine, problems: list[Problem], seed: int = 0) -> Problem:
+    """The first problem greedy decoding gets wrong (the first one if it solves them all): a trace
+    where search has something to fix."""
+    results = engine.generate([request(p, "greedy", 1, seed) for p in problems])
+    return next((p for p, r in zip(problems, results) if not is_correct(p, r)), problems[0])
 
 
 def trace_one(engine: Engine, problem: Problem, budget: int = 8, seed: int = 0) -> PFResult:

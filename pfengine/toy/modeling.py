@@ -127,13 +127,36 @@ class Sampled:
     labels: list[bool]
     correct: bool
     answer: int | None
+    token_labels: list[bool]
+    """Per generated token: the text up to and including it can still become a correct solution."""
 
 
 def label(cutter: StepCutter, problem: Problem, prompt: list[int], tokens: list[int]) -> Sampled:
     spans = cutter.spans(tokens)
     steps = [cutter.tokenizer.decode(tokens[s:e], skip_special_tokens=True) for s, e in spans]
     chk = check_steps(problem, steps)
-    return Sampled(problem, prompt, tokens, spans, chk.step_ok, chk.correct, chk.answer)
+    return Sampled(problem, prompt, tokens, spans, chk.step_ok, chk.correct, chk.answer,
+                   token_labels(cutter, problem, tokens, spans, chk.step_ok))
+
+
+def token_labels(cutter: StepCutter, problem: Problem, tokens: list[int], spans: list[tuple[int, int]],
+                 step_ok: list[bool]) -> list[bool]:
+    """Dense labels for the PRM: inside a step, a token is good while the step's text so far is a
+    prefix of the reference step (all earlier steps being right); a step's last token takes the
+    step's label. They teach the PRM to spot the first wrong digit where it is written -- a one-hop
+    comparison with the backbone's own prediction -- instead of only at the step's end."""
+    ref = problem.steps()
+    out: list[bool] = []
+    prefix_ok = True
+    for i, (a, e) in enumerate(spans):
+        target = ref[i] + (STEP_DELIMITER if i < len(ref) - 1 else "") if i < len(ref) else ""
+        text = ""
+        for k in range(a, e):
+            if tokens[k] != cutter.eos_id:
+                text += cutter.token_text(tokens[k])
+            out.append(step_ok[i] if k == e - 1 else prefix_ok and target.startswith(text))
+        prefix_ok = step_ok[i]
+    return out
 
 
 def sample_solutions(model, tokenizer, problems: list[Problem], k: int, temperature: float, seed: int,
@@ -218,8 +241,22 @@ def tag_id_of(tokenizer) -> int:
     return tokenizer.convert_tokens_to_ids(STEP_TAG)
 
 
-def prm_batch(samples: list[Sampled], tag_id: int, pad_id: int, mode: str
-              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, list[list[int]], list[list[int]]]:
+@dataclass
+class PRMBatch:
+    ids: torch.Tensor
+    """[B, L]"""
+    mask: torch.Tensor | None
+    """[B, 1, L, L] (``model`` layout) or None (plain causal)"""
+    positions: torch.Tensor | None
+    tags: list[list[int]]
+    """Per row: where its step tags are."""
+    labels: list[list[int]]
+    """Per row: its steps' labels."""
+    generated: list[list[int]]
+    """Per row: where its generated tokens are (their labels: ``Sampled.token_labels``)."""
+
+
+def prm_batch(samples: list[Sampled], tag_id: int, pad_id: int, mode: str) -> PRMBatch:
     """A batch of PRM inputs with a tag after every step, in one of the engine's two layouts.
 
     ``mode="all"`` (``last`` / ``prod`` / ``min`` aggregation): the tags stay in the sequence, every
@@ -229,13 +266,14 @@ def prm_batch(samples: list[Sampled], tag_id: int, pad_id: int, mode: str
     for every step at once: a 4-D mask hides each tag from everything after it, and each tag gets
     the position of the token that follows it.
 
-    Returns ``(ids [B, L], attention mask [B, 1, L, L] or None, position ids or None, tag positions,
-    labels)``."""
-    seqs, tags, labels, content_pos = [], [], [], []
+    """
+    seqs, tags, labels, generated = [], [], [], []
     for s in samples:
         ids, pos, is_tag, tp, ys = list(s.prompt), list(range(len(s.prompt))), [False] * len(s.prompt), [], []
+        gp: list[int] = []
         n_content = len(s.prompt)
         for (a, e), y in zip(s.spans, s.labels):
+            gp += range(len(ids), len(ids) + e - a)
             ids += s.tokens[a:e]
             pos += list(range(n_content, n_content + e - a))
             is_tag += [False] * (e - a)
@@ -248,12 +286,13 @@ def prm_batch(samples: list[Sampled], tag_id: int, pad_id: int, mode: str
         seqs.append((ids, pos, is_tag))
         tags.append(tp)
         labels.append(ys)
+        generated.append(gp)
     L = max(len(x[0]) for x in seqs)
     ids_t = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     for i, (ids, _, _) in enumerate(seqs):
         ids_t[i, :len(ids)] = torch.tensor(ids)
     if mode == "all":
-        return ids_t, None, None, tags, labels
+        return PRMBatch(ids_t, None, None, tags, labels, generated)
     pos_t = torch.zeros((len(seqs), L), dtype=torch.long)
     mask = torch.zeros((len(seqs), 1, L, L), dtype=torch.bool)
     causal = torch.ones((L, L), dtype=torch.bool).tril()
@@ -265,14 +304,17 @@ def prm_batch(samples: list[Sampled], tag_id: int, pad_id: int, mode: str
         m = causal & ~tag[None, :]
         m |= torch.eye(L, dtype=torch.bool)
         mask[i, 0] = m
-    return ids_t, mask, pos_t, tags, labels
+    return PRMBatch(ids_t, mask, pos_t, tags, labels, generated)
 
 
-def prm_hidden(backbone, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor | None,
-               tags: list[list[int]]) -> torch.Tensor:
-    """Backbone hidden states at the tag positions, concatenated over the batch."""
-    h = backbone(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-    return torch.cat([h[i, t] for i, t in enumerate(tags)])
+def prm_hidden(backbone, batch: PRMBatch) -> torch.Tensor:
+    """The backbone's last hidden states [B, L, H] over a PRM batch."""
+    return backbone(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions).last_hidden_state
+
+
+def gather(hidden: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:
+    """Rows ``hidden[i, positions[i]]``, concatenated over the batch."""
+    return torch.cat([hidden[i, p] for i, p in enumerate(positions)])
 
 
 def engine_solutions(policy_dir, problems: list[Problem], k: int, temperature: float, seed: int,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pfengine.config import Request, SamplingParams, SearchParams
 from pfengine.toy.task import Problem
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
@@ -16,16 +17,18 @@ MAX_STEP_TOKENS = 32
 """A step is at most ~16 tokens."""
 
 
-def pf_request(problem: Problem | str, n_particles: int = 8, seed: int | None = 0, temperature: float = 0.8,
-               max_steps: int = MAX_STEPS, max_step_tokens: int = MAX_STEP_TOKENS, **search):
-    """A :class:`pfengine.Request` for one toy problem, as chat messages. ``search`` holds further
-    search options (``aggregation``, ``resampling``, ...)."""
-    import pfengine.config as C  # imported late: the package's own import stays light
+def is_bundled() -> bool:
+    """True when the trained checkpoints are present (they are committed; a partial copy is not)."""
+    return all((d / "config.json").is_file() for d in (POLICY, PRM)) and VALUE_HEAD.is_file()
 
+
+def pf_request(problem: Problem | str, n_particles: int = 8, seed: int | None = 0, temperature: float = 0.8,
+               max_steps: int = MAX_STEPS, max_step_tokens: int = MAX_STEP_TOKENS, **search) -> Request:
+    """A request for one toy problem, as chat messages. ``search`` holds further :class:`SearchParams`
+    fields (``method``, ``aggregation``, ``resampling``, ...)."""
     text = problem.text if isinstance(problem, Problem) else problem
-    sampling = C.SamplingParams(temperature=temperature, seed=seed, max_steps=max_steps,
-                                max_step_tokens=max_step_tokens, max_tokens=max_steps * max_step_tokens)
-    messages = [{"role": "user", "content": text}]
-    if hasattr(C, "SearchParams"):
-        return C.Request(prompt=messages, sampling=sampling, search=C.SearchParams(n_particles=n_particles, **search))
-    return C.Request(prompt=messages, sampling=sampling, pf=C.PFParams(n_particles=n_particles, **search))
+    reference = str(problem.answer) if isinstance(problem, Problem) else None
+    sampling = SamplingParams(temperature=temperature, seed=seed, max_steps=max_steps,
+                              max_step_tokens=max_step_tokens, max_tokens=max_steps * max_step_tokens)
+    return Request(prompt=[{"role": "user", "content": text}], sampling=sampling,
+                   search=SearchParams(n_particles=n_particles, **search), reference_answer=reference)

@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Model
 
-from pfengine.toy.modeling import Head, Sampled, engine_solutions, prm_batch, prm_hidden, step_end_hidden, tag_id_of
+from pfengine.toy.modeling import (Head, Sampled, engine_solutions, gather, prm_batch, prm_hidden, step_end_hidden,
+                                   tag_id_of)
 from pfengine.toy.task import heldout_set
 
 DEFAULT_CKPT = Path(__file__).parent / "checkpoints"
@@ -80,9 +81,9 @@ def prm_probs(backbone, head: Head, samples: list[Sampled], tag_id: int, pad_id:
     backbone.eval()
     ps, ys = [], []
     for b in range(0, len(samples), batch_size):
-        ids, mask, pos, tags, labels = prm_batch(samples[b:b + batch_size], tag_id, pad_id, mode)
-        ps.append(head_probs(head, prm_hidden(backbone, ids, mask, pos, tags)))
-        ys += [y for lab in labels for y in lab]
+        batch = prm_batch(samples[b:b + batch_size], tag_id, pad_id, mode)
+        ps.append(head_probs(head, gather(prm_hidden(backbone, batch), batch.tags)))
+        ys += [y for lab in batch.labels for y in lab]
     return np.concatenate(ps), np.asarray(ys)
 
 

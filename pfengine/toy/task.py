@@ -1,21 +1,24 @@
 """A synthetic multi-step arithmetic task whose every step can be checked by a program.
 
-A problem is a start number and 3-6 additions / subtractions of 2-3 digit operands::
+A problem is a start number and 3-6 additions / subtractions of two-digit operands::
 
-    Start with 47. Add 385. Subtract 129. Add 56. What is the result?
+    Start with 47. Add 38. Subtract 29. Add 16. What is the result?
 
 Its solution applies one operation per step; steps are separated by ``"\\n\\n"``::
 
-    47 + 385 = 432
+    47 + 38 = 85
 
-    432 - 129 = 303
+    85 - 29 = 56
 
-    303 + 56 = 359
+    56 + 16 = 72
 
-    The answer is \\boxed{359}.
+    The answer is \\boxed{72}.
 
-Every running value has exactly three digits (``[100, 999]``; an operation that would leave that
-range is never drawn). Train and held-out problems are disjoint by
+Every running value has exactly two digits (an operation that would leave ``[10, 99]`` is never
+drawn), so each step is a two-digit addition or subtraction, many with a carry or borrow. Why not
+three digits: written most-significant digit first, three-digit sums were not learned by a ~1M
+parameter model within the training budget (~20 CPU minutes); two-digit ones are, imperfectly.
+The checker itself does not depend on the range. Train and held-out problems are disjoint by
 construction: a problem belongs to the held-out split iff a hash of its text says so, and each
 generator only yields problems of its own split.
 """
@@ -28,7 +31,9 @@ from dataclasses import dataclass, field
 
 STEP_SEP = "\n\n"
 MIN_OPS, MAX_OPS = 3, 6
-MIN_VALUE, MAX_VALUE = 100, 999
+MIN_VALUE, MAX_VALUE = 10, 99
+"""Every running value (start, intermediate results, answer) has exactly two digits."""
+MIN_OPERAND, MAX_OPERAND = 10, 99
 HELDOUT_EVERY = 8
 """One problem in this many (by text hash) is held out."""
 OP_WORD = {"+": "Add", "-": "Subtract"}
@@ -66,12 +71,27 @@ class Problem:
     def solution(self) -> str:
         return STEP_SEP.join(self.steps())
 
-    def messages(self) -> list[dict]:
-        return [{"role": "user", "content": self.text}]
-
     @property
     def split(self) -> str:
         return split_of(self.text)
+
+
+def corrupted_steps(problem: Problem, rng: random.Random) -> list[str]:
+    """A solution with one arithmetic slip, as a sampling policy makes them: one step's result is off
+    by one in a digit (or by ten, a dropped carry / borrow); every later step continues correctly
+    from the wrong value."""
+    vals = problem.values()
+    i = rng.randrange(len(problem.ops))
+    wrong = vals[i + 1] + rng.choice([-11, -10, -9, -1, 1, 9, 10, 11])
+    if wrong < 0:
+        wrong = vals[i + 1] + 10
+    steps = [f"{vals[k]} {op} {x} = {vals[k + 1]}" for k, (op, x) in enumerate(problem.ops[:i])]
+    value = vals[i]
+    for k, (op, x) in enumerate(problem.ops[i:]):
+        nxt = wrong if k == 0 else (value + x if op == "+" else value - x)
+        steps.append(f"{value} {op} {x} = {nxt}")
+        value = nxt
+    return steps + [f"The answer is \\boxed{{{value}}}."]
 
 
 def split_of(text: str) -> str:
@@ -80,20 +100,16 @@ def split_of(text: str) -> str:
 
 
 def random_problem(rng: random.Random, n_ops: int | None = None) -> Problem:
-    """Start in [MIN_VALUE, MAX_VALUE]; each operand has 2 or 3 digits (equally likely) and keeps the
-    running value in [MIN_VALUE, MAX_VALUE]; the operation is drawn among those that can."""
+    """Start uniform in [MIN_VALUE, MAX_VALUE]; each operation is drawn among those that can keep
+    the running value in that range, its operand uniform among the operands that do."""
     n = n_ops if n_ops is not None else rng.randint(MIN_OPS, MAX_OPS)
     value = rng.randint(MIN_VALUE, MAX_VALUE)
     start, ops = value, []
     for _ in range(n):
-        while True:
-            lo, hi = (10, 99) if rng.random() < 0.5 else (100, 999)
-            feasible = [op for op in "+-" if (value + lo <= MAX_VALUE if op == "+" else value - lo >= MIN_VALUE)]
-            if feasible:
-                break
+        feasible = [op for op in "+-" if (value + MIN_OPERAND <= MAX_VALUE if op == "+" else value - MIN_OPERAND >= MIN_VALUE)]
         op = rng.choice(feasible)
-        top = min(hi, MAX_VALUE - value) if op == "+" else min(hi, value - MIN_VALUE)
-        x = rng.randint(lo, top)
+        top = min(MAX_OPERAND, MAX_VALUE - value) if op == "+" else min(MAX_OPERAND, value - MIN_VALUE)
+        x = rng.randint(MIN_OPERAND, top)
         value = value + x if op == "+" else value - x
         ops.append((op, x))
     return Problem(start, tuple(ops))

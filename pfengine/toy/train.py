@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 from transformers.utils import logging as hf_logging
 
-from pfengine.toy.modeling import (Head, Sampled, encode_example, engine_solutions, pad_batch, prm_batch, prm_hidden,
-                                   sample_solutions, step_end_hidden, tag_id_of)
-from pfengine.toy.task import heldout_set, problems
-from pfengine.toy.tokenizer import build_tokenizer, save_tokenizer
+from pfengine.toy.modeling import (Head, Sampled, StepCutter, encode_example, engine_solutions, gather, label, pad_batch,
+                                   prm_batch, prm_hidden, sample_solutions, step_end_hidden, tag_id_of)
+from pfengine.toy.task import MAX_OPS, MIN_OPS, corrupted_steps, heldout_set, problems
+from pfengine.toy.tokenizer import build_tokenizer, prompt_ids, save_tokenizer, step_ids
 
 
 @dataclass
@@ -42,34 +42,43 @@ class LMSize:
 @dataclass
 class Budget:
     policy: LMSize
-    policy_steps: int
+    max_steps: int
+    """Constant-LR phase ends here at the latest."""
+    decay_when: float
+    """... or as soon as greedy decoding solves this fraction of the validation problems."""
+    decay_steps: int
     policy_batch: int
     policy_lr: float
     label_problems: int
     """Training problems whose sampled solutions label the PRMs."""
     label_k: int
     """Samples per labelling problem."""
+    slips: float
+    """The PRM also trains on this many reference solutions with one arithmetic slip, per sample."""
     head_epochs: int
-    prm: LMSize
     prm_steps: int
+    """The PRM starts from a copy of the policy's backbone (same size), fine-tuned with its head."""
     prm_batch: int
     prm_lr: float
     eval_problems: int
     eval_k: int
-    prm_eval_problems: int
-    prm_eval_k: int
+    """Held-out samples per problem at T=0.8 (their steps also evaluate the PRMs)."""
     warmup: int = 100
+    check_from: int = 1000
+    check_every: int = 100
+    valid_problems: int = 100
 
 
 BUDGETS = {
-    "full": Budget(policy=LMSize(192, 4, 4, 2, 512), policy_steps=3000, policy_batch=32, policy_lr=2e-3,
-                   label_problems=2000, label_k=8, head_epochs=30,
-                   prm=LMSize(128, 4, 4, 2, 384), prm_steps=2000, prm_batch=32, prm_lr=2e-3,
-                   eval_problems=400, eval_k=4, prm_eval_problems=200, prm_eval_k=8),
-    "tiny": Budget(policy=LMSize(32, 2, 4, 2, 64), policy_steps=10, policy_batch=8, policy_lr=3e-3,
-                   label_problems=8, label_k=2, head_epochs=2,
-                   prm=LMSize(32, 1, 4, 2, 64), prm_steps=4, prm_batch=8, prm_lr=3e-3,
-                   eval_problems=8, eval_k=2, prm_eval_problems=4, prm_eval_k=2, warmup=2),
+    "full": Budget(policy=LMSize(128, 4, 4, 2, 512), max_steps=3600, decay_when=0.6, decay_steps=0,
+                   check_every=50, policy_batch=16, policy_lr=2e-3,
+                   label_problems=1500, label_k=8, slips=0.5, head_epochs=30,
+                   prm_steps=500, prm_batch=32, prm_lr=1e-3,
+                   eval_problems=400, eval_k=4),
+    "tiny": Budget(policy=LMSize(32, 2, 4, 2, 64), max_steps=6, decay_when=1.0, decay_steps=4,
+                   check_from=3, check_every=3, valid_problems=4, policy_batch=8, policy_lr=3e-3,
+                   label_problems=8, label_k=2, slips=0.5, head_epochs=2, prm_steps=4, prm_batch=8, prm_lr=3e-3,
+                   eval_problems=8, eval_k=2, warmup=2),
 }
 SAMPLE_TEMPERATURE = 0.8
 MAX_NEW_TOKENS = 128
@@ -100,19 +109,31 @@ def qwen2_config(size: LMSize, tokenizer) -> Qwen2Config:
 # Policy
 # ---------------------------------------------------------------------------------------------
 
-def train_policy(tokenizer, b: Budget, seed: int) -> Qwen2ForCausalLM:
+def train_policy(tokenizer, b: Budget, seed: int) -> tuple[Qwen2ForCausalLM, dict]:
+    """Teacher forcing on chat-formatted (problem -> solution + EOS) pairs, loss on the assistant's
+    tokens only. Every problem is fresh (an endless seeded stream); each batch has one number of
+    operations, so rows are about equally long (little padding).
+
+    Schedule: warmup, then a constant learning rate until greedy decoding solves ``decay_when`` of
+    a fixed validation set (train-split problems the stream never reaches; checked every
+    ``check_every`` steps) or ``max_steps`` pass, then ``decay_steps`` of cosine decay. When the
+    model learns carrying varies by seed by ~1000 steps (a sudden drop of the loss); a fixed step
+    count would land anywhere from "cannot add" to "almost perfect"."""
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(qwen2_config(b.policy, tokenizer))
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=b.policy_lr, betas=(0.9, 0.98))
-    data = problems("train", seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=b.policy_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    streams = {k: problems("train", seed, n_ops=k) for k in range(MIN_OPS, MAX_OPS + 1)}
+    valid = list(problems("train", seed + 1_000_000, b.valid_problems))
+    rng = random.Random(seed)
     pad = tokenizer.pad_token_id
     t0, ema = time.perf_counter(), None
-    for step in range(b.policy_steps):
-        batch = [encode_example(tokenizer, next(data)) for _ in range(b.policy_batch)]
+    decay_from: int | None = None
+    history: list[dict] = []
+    step = 0
+    while decay_from is None or step < decay_from + b.decay_steps:
+        stream = streams[rng.randint(MIN_OPS, MAX_OPS)]
+        batch = [encode_example(tokenizer, next(stream)) for _ in range(b.policy_batch)]
         ids = pad_batch([x for x, _ in batch], pad)
         target = ids.clone()
         for i, (x, n_prompt) in enumerate(batch):
@@ -121,17 +142,36 @@ def train_policy(tokenizer, b: Budget, seed: int) -> Qwen2ForCausalLM:
         logits = model(input_ids=ids).logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1),
                                ignore_index=-100)
+        if step < b.warmup:
+            lr = b.policy_lr * (step + 1) / b.warmup
+        elif decay_from is None:
+            lr = b.policy_lr
+        else:
+            frac = (step - decay_from) / b.decay_steps
+            lr = b.policy_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, b.policy_steps, b.policy_lr, b.warmup)
+            g["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        ema = float(loss.detach()) if ema is None else 0.98 * ema + 0.02 * float(loss.detach())
-        if (step + 1) % 200 == 0 or step + 1 == b.policy_steps:
-            log(f"policy step {step + 1}/{b.policy_steps} loss {ema:.4f} ({time.perf_counter() - t0:.0f}s)")
+        ema = float(loss.detach()) if ema is None else 0.95 * ema + 0.05 * float(loss.detach())
+        step += 1
+        if decay_from is None and step >= b.check_from and step % b.check_every == 0:
+            model.eval()
+            acc = accuracy(sample_solutions(model, tokenizer, valid, 1, 0.0, 0, max_new_tokens=MAX_NEW_TOKENS,
+                                            max_step_tokens=MAX_STEP_TOKENS))
+            model.train()
+            history.append({"step": step, "loss": round(ema, 4), "valid_greedy": acc["fully_correct"]})
+            log(f"policy step {step} loss {ema:.4f} valid greedy {acc['fully_correct']:.3f} "
+                f"({time.perf_counter() - t0:.0f}s)")
+            if acc["fully_correct"] >= b.decay_when or step >= b.max_steps:
+                decay_from = step
+                log(f"policy: decaying the learning rate over {b.decay_steps} steps from step {step}")
+        elif step % 200 == 0:
+            log(f"policy step {step} loss {ema:.4f} ({time.perf_counter() - t0:.0f}s)")
     model.eval()
-    return model
+    return model, {"steps": step, "decay_from": decay_from, "checks": history}
 
 
 def accuracy(samples: list[Sampled]) -> dict[str, float]:
@@ -178,6 +218,18 @@ def train_head(hidden: torch.Tensor, labels: torch.Tensor, epochs: int, seed: in
 # Separate PRM (Qwen2.5-Math-PRM layout), initialised from the policy's backbone
 # ---------------------------------------------------------------------------------------------
 
+def slipped_solutions(tokenizer, n: int, seed: int) -> list[Sampled]:
+    """Reference solutions of ``n`` training problems with one arithmetic slip each (labelled like
+    sampled ones): dense, clean negatives next to the policy's own mostly-right samples."""
+    rng = random.Random(seed)
+    cutter = StepCutter(tokenizer, MAX_STEP_TOKENS)
+    out = []
+    for p in problems("train", seed, n):
+        ids = [t for s in step_ids(tokenizer, corrupted_steps(p, rng)) for t in s] + [tokenizer.eos_token_id]
+        out.append(label(cutter, p, prompt_ids(tokenizer, p.text), ids))
+    return out
+
+
 def train_prm(policy: Qwen2ForCausalLM, tokenizer, samples: list[Sampled], b: Budget, seed: int
               ) -> tuple[torch.nn.Module, Head]:
     """Fine-tune a copy of the policy's backbone plus a fresh head on step-tag positions. Every batch
@@ -202,12 +254,15 @@ def train_prm(policy: Qwen2ForCausalLM, tokenizer, samples: list[Sampled], b: Bu
             order += more
         chunk = [samples[i] for i in order[:b.prm_batch]]
         del order[:b.prm_batch]
+        dense = torch.tensor([int(y) for s in chunk for y in s.token_labels])
         losses = []
         for mode in ("all", "model"):
-            ids, mask, pos, tags, labels = prm_batch(chunk, tag, pad, mode)
-            logits = head(prm_hidden(backbone, ids, mask, pos, tags))
-            losses.append(F.cross_entropy(logits, torch.tensor([y for lab in labels for y in lab])))
-        loss = sum(losses) / 2
+            batch = prm_batch(chunk, tag, pad, mode)
+            hidden = prm_hidden(backbone, batch)
+            steps = torch.tensor([y for lab in batch.labels for y in lab])
+            losses.append(F.cross_entropy(head(gather(hidden, batch.tags)), steps))
+            losses.append(F.cross_entropy(head(gather(hidden, batch.generated)), dense))
+        loss = sum(losses) / len(losses)
         for g, lr in zip(opt.param_groups, base):
             g["lr"] = lr_at(step, b.prm_steps, lr, b.warmup)
         opt.zero_grad(set_to_none=True)
@@ -296,8 +351,8 @@ def run(out: Path, budget: str = "full", seed: int = 0, sampler: str = "engine")
     report["seconds"]["tokenizer"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    log(f"policy: {asdict(b.policy)}, {b.policy_steps} steps of {b.policy_batch}")
-    policy = train_policy(tokenizer, b, seed)
+    log(f"policy: {asdict(b.policy)}, batches of {b.policy_batch}")
+    policy, report["policy_training"] = train_policy(tokenizer, b, seed)
     report["policy_params"] = sum(p.numel() for p in policy.parameters())
     report["seconds"]["policy"] = time.perf_counter() - t
 
@@ -318,7 +373,8 @@ def run(out: Path, budget: str = "full", seed: int = 0, sampler: str = "engine")
     report["seconds"]["value_head"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    backbone, prm_head = train_prm(policy, tokenizer, samples, b, seed + 4)
+    slipped = slipped_solutions(tokenizer, int(b.slips * len(samples)), seed + 7)
+    backbone, prm_head = train_prm(policy, tokenizer, samples + slipped, b, seed + 4)
     save_prm(backbone, prm_head, policy.config, tokenizer, prm_dir)
     report["seconds"]["prm"] = time.perf_counter() - t
     report["tokenizer"] = check_tokenizer(policy_dir, tokenizer, samples)
