@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 demo: $(STAMP)
 	$(BIN)/pfengine demo
 
+# The kernel microbenchmarks run once, untimed (--benchmark-disable), so they cannot rot.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q bench/bench_kernels.py --benchmark-disable
 
 # The comparison benchmark, small size (a few minutes on 2 cores; vLLM rows need `make bench-vllm-env`
 # first, otherwise they are skipped with a message). Results: bench/results/quick.{md,json,png}, traces.

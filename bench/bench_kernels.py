@@ -3,7 +3,7 @@
     .venv/bin/python -m pytest bench/bench_kernels.py --benchmark-columns=median,min,rounds
 
 (2 torch threads; ``PFENGINE_BENCH_THREADS=1`` for one, which is steadier on a shared machine)
-(not part of ``make test``: bench/ is outside the test paths). Paged decode attention at
+(``make test`` runs this file once with ``--benchmark-disable``, untimed, so it cannot rot). Paged decode attention at
 N in {16, 64} particles x context in {256, 2048} (Hq=8, Hkv=2, D=64, B=16, fp32 and bf16 cache,
 each particle on its own randomly placed blocks), and a resampling round -- resample + fork of the
 block tables -- at N in {64, 1024}. Each group's table shows, in parentheses, every time relative

@@ -15,22 +15,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, bench/ would come first on sys.path, and bench/profile.py would shadow the
-# standard library's profile module (which torch imports): put the repository there instead.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(ROOT)
-elif str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from pfengine import Engine, EngineConfig, Request, SamplingParams, SearchParams
+from pfengine.random_model import save_random_model, save_value_head
 
-from pfengine import Engine, EngineConfig, Request, SamplingParams, SearchParams  # noqa: E402
-from pfengine.random_model import save_random_model, save_value_head  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 GEMM_FLOPS = 122e9
 MEM_BYTES = 40e9
