@@ -322,8 +322,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"Model: {POLICY} (bundled toy policy) + PRM {prm}\n")
     engine = Engine(EngineConfig(model=str(POLICY), prm=str(prm), num_blocks=8192, max_particles=4096))
     problems = heldout_set(max(args.problems, 1))
-    evaluate.trace_one(engine, evaluate.hard_problem(engine, problems[:50], args.seed), budget=args.particles,
-                       seed=args.seed)
+    evaluate.trace_one(engine, evaluate.hard_problem(engine, problems[:50], args.particles, args.seed),
+                       budget=args.particles, seed=args.seed)
     if args.no_eval:
         return 0
     rows = evaluate.evaluate(engine, problems[:args.problems], tuple(args.budgets), seed=args.seed)

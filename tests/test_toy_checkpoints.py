@@ -38,3 +38,21 @@ def test_pf_on_a_heldout_problem(prm):
     # The PRM prefers correct finished particles: the best-scored one is at least as good as any.
     assert sum(checks[result.best].step_ok) == max(sum(c.step_ok) for c in checks)
     assert engine.stats()["policy_blocks_in_use"] == 0
+
+
+@pytest.mark.slow
+def test_demo_traces_one_run_and_writes_the_table(tmp_path, capsys):
+    """`pfengine demo` on the bundled model, shrunk: the traced run, every method at one budget, and
+    the Markdown / JSON / PNG report."""
+    from pfengine.cli import main
+    from pfengine.toy.evaluate import LABELS
+
+    assert main(["demo", "--problems", "3", "--budgets", "2", "--particles", "4", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Round 1" in out and "Chosen particle" in out
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["method"], r["budget"]) for r in rows} == {("greedy", 1)} | {(m, 2) for m in LABELS if m != "greedy"}
+    assert all(r["total"] == 3 and 0 <= r["correct"] <= 3 for r in rows)
+    table = (tmp_path / "results.md").read_text()
+    assert all(label in table for label in LABELS.values())
+    assert (tmp_path / "accuracy_vs_budget.png").stat().st_size > 0

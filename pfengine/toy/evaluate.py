@@ -136,11 +136,14 @@ def write_report(rows: list[Row], out: Path) -> None:
     plot(rows, out / "accuracy_vs_budget.png")
 
 
-def hard_problem(engine: Engine, problems: list[Problem], seed: int = 0) -> Problem:
-    """The first problem greedy decoding gets wrong (the first one if it solves them all): a trace
-    where search has something to fix."""
-    results = engine.generate([request(p, "greedy", 1, seed) for p in problems])
-    return next((p for p, r in zip(problems, results) if not is_correct(p, r)), problems[0])
+def hard_problem(engine: Engine, problems: list[Problem], budget: int = 8, seed: int = 0) -> Problem:
+    """A problem worth tracing: the first one greedy decoding gets wrong on which PF resamples at
+    least once (else the first one greedy gets wrong, else the first one)."""
+    greedy = engine.generate([request(p, "greedy", 1, seed) for p in problems])
+    wrong = [p for p, r in zip(problems, greedy) if not is_correct(p, r)]
+    runs = engine.generate([request(p, "particle_filter", budget, seed) for p in wrong])
+    resampled = (p for p, r in zip(wrong, runs) if any(tr.ancestors is not None for tr in r.trace))
+    return next(resampled, wrong[0] if wrong else problems[0])
 
 
 def trace_one(engine: Engine, problem: Problem, budget: int = 8, seed: int = 0) -> PFResult:
