@@ -284,11 +284,14 @@ class Engine:
         with record_function("pfengine::decode"):
             hidden = self.policy.decode(rows_t, tokens_t)
             logits = self.policy.decoder.logits(hidden)
-        scored = [k for k, (r, _) in enumerate(forwarded) if r.request.search.uses_prm]
-        if self.prm_runner is not None and scored:  # the PRM reads every token once, in step with the policy
-            with record_function("pfengine::prm_decode"):
-                keep = torch.tensor(scored)
-                self.prm_runner.decode(rows_t[keep], tokens_t[keep])
+        if self.prm_runner is not None:  # the PRM reads every token once, in step with the policy
+            scored = [k for k, (r, _) in enumerate(forwarded) if r.request.search.uses_prm]
+            if len(scored) < len(forwarded):  # PRM-free requests (greedy, self-consistency) in the batch
+                keep = torch.tensor(scored, dtype=torch.long)
+                rows_t, tokens_t = rows_t[keep], tokens_t[keep]
+            if scored:
+                with record_function("pfengine::prm_decode"):
+                    self.prm_runner.decode(rows_t, tokens_t)
         for k, (r, i) in enumerate(forwarded):
             r.hidden[i], r.logits[i] = hidden[k], logits[k]
         if dups:
