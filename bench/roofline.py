@@ -2,9 +2,9 @@
 
 Machine: fp32 GEMM FLOP/s and memory bandwidth measured here with torch (2 threads), next to the
 reference numbers of ../shared/ENVIRONMENT.md (122 GFLOP/s, 40 GB/s). Decode step: FLOPs and bytes
-of one ``pfengine::decode`` call (policy forward of B tokens at mean context c, LM head included;
-``pfengine::prm_decode`` likewise for the PRM backbone) from the model shape, and its measured time
-from the profiler trace."""
+of one ``pfengine::decode`` call (policy forward of B tokens at mean context c, LM head included) and
+of one ``pfengine::prm_forward`` call (the PRM backbone reading a step's tokens and tag for every
+particle in one extend) from the model shape, and their measured times from the profiler trace."""
 from __future__ import annotations
 
 import time
@@ -76,14 +76,15 @@ def place(cost: dict, seconds: float, machine: dict) -> dict:
 
 
 def decode_roofline(policy_dir: str, prm_dir: str | None, table: dict, batch: int, context: float,
-                    machine: dict) -> dict:
-    """Roofline placement of the mean ``pfengine::decode`` (and ``::prm_decode``) call of a profiled run."""
-    out = {"batch": batch, "context": context}
+                    machine: dict, prm_tokens: int = 0) -> dict:
+    """Roofline placement of the mean ``pfengine::decode`` call (``batch`` tokens) and ``::prm_forward``
+    call (``prm_tokens`` tokens) of a profiled run."""
+    out = {"batch": batch, "context": context, "prm_tokens": prm_tokens}
     r = table["ranges"]
     if r.get("decode", {}).get("count"):
         s = r["decode"]["seconds"] / r["decode"]["count"]
         out["policy"] = place(step_cost(model_shape(policy_dir), batch, context, lm_head=True), s, machine)
-    if prm_dir and r.get("prm_decode", {}).get("count"):
-        s = r["prm_decode"]["seconds"] / r["prm_decode"]["count"]
-        out["prm"] = place(step_cost(model_shape(prm_dir), batch, context, lm_head=False), s, machine)
+    if prm_dir and prm_tokens and r.get("prm_forward", {}).get("count"):
+        s = r["prm_forward"]["seconds"] / r["prm_forward"]["count"]
+        out["prm"] = place(step_cost(model_shape(prm_dir), prm_tokens, context, lm_head=False), s, machine)
     return out

@@ -115,6 +115,9 @@ class VllmHttpPF:
 
         self.tokenizer = AutoTokenizer.from_pretrained(ck.policy, local_files_only=True)
 
+    def process_groups(self) -> list[int]:
+        return [self.policy.proc.pid, self.prm.proc.pid]
+
     def close(self) -> None:
         self.policy.stop()
         self.prm.stop()
@@ -236,6 +239,9 @@ class VllmOfflinePF:
         if "error" in out:
             raise RuntimeError(f"vLLM offline PF failed: {out['error']}\n{out.get('traceback', '')}")
         return out
+
+    def process_groups(self) -> list[int]:
+        return [self.proc.pid]
 
     def close(self) -> None:
         if self.proc.poll() is None:

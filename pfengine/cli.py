@@ -478,9 +478,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
 PHASES = [
     ("prefill", "prompt prefill (+ fork to N)"),
     ("decode", "decode forward (policy, incl. LM head)"),
-    ("prm_decode", "PRM model decode (in step with the policy)"),
+    ("prm_forward", "PRM model forward of the steps' tokens (one extend per step end)"),
     ("sample", "sampling"),
-    ("prm_score", "PRM scoring at step ends (tags, head, weights)"),
+    ("prm_score", "PRM scoring at step ends (head, weights, ESS)"),
     ("resample_fork", "resample + fork (+ COW copies)"),
     ("other", "engine Python outside the ranges"),
 ]
@@ -489,9 +489,11 @@ PHASES = [
 def phase_table(trace_file: str | Path, wall_s: float | None = None) -> dict:
     """Seconds per phase of a profiled run, from the ``pfengine::*`` ranges of its Chrome trace.
 
-    Top-level engine ranges (``prefill``, ``decode``, ``prm_decode``, ``sample``, ``round``) do not
-    overlap; ``round`` (PRM score -> weights -> resample -> fork) is split into resample + fork (the
-    ``resample``, ``fork`` and ``copy_blocks`` kernel ranges inside it) and PRM scoring (the rest)."""
+    Top-level engine ranges (``prefill``, ``decode``, ``sample``, ``round``) do not overlap;
+    ``prm_forward`` (the PRM model reading steps' tokens) runs inside ``round`` or, when a sibling forks
+    mid-step, on its own. ``round`` (PRM forward -> score -> weights -> resample -> fork) is split into
+    the PRM forward, resample + fork (the ``resample``, ``fork`` and ``copy_blocks`` kernel ranges
+    inside it) and PRM scoring (the rest)."""
     trace = json.loads(Path(trace_file).read_text())
     events = [e for e in (trace["traceEvents"] if isinstance(trace, dict) else trace)
               if e.get("ph") == "X" and str(e.get("name", "")).startswith("pfengine::")]
@@ -507,8 +509,9 @@ def phase_table(trace_file: str | Path, wall_s: float | None = None) -> dict:
         return sum(e["dur"] for e in evs) / 1e6
 
     resample_fork = total("resample", True) + total("fork", True) + total("copy_blocks", True)
-    phases = {"prefill": total("prefill"), "decode": total("decode"), "prm_decode": total("prm_decode"),
-              "sample": total("sample"), "prm_score": max(total("round") - resample_fork, 0.0),
+    prm_in_round = total("prm_forward", True)
+    phases = {"prefill": total("prefill"), "decode": total("decode"), "prm_forward": total("prm_forward"),
+              "sample": total("sample"), "prm_score": max(total("round") - resample_fork - prm_in_round, 0.0),
               "resample_fork": resample_fork}
     span = (max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)) / 1e6 if events else 0.0
     wall = span if wall_s is None else wall_s

@@ -12,7 +12,7 @@ import time
 from dataclasses import replace
 from itertools import count
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch.profiler import record_function
@@ -126,10 +126,10 @@ class Engine:
         try:
             hidden, logits = runner.extend([row], [prompt_ids]), []
             for step in steps:
-                if step:
-                    hidden = runner.extend([row], [step])
                 if isinstance(prm, ModelPRM):
-                    hidden = prm.score([EndedStep(row, torch.empty(0), "", [], 0)], keep_tags=keep_tags)
+                    hidden = prm.score([EndedStep(row, torch.empty(0), "", [], 0, list(step))], keep_tags=keep_tags)
+                elif step:
+                    hidden = runner.extend([row], [step])
                 logits.append(head_logit(hidden, prm.head)[0] if prm.head is not None else hidden[0])
             return logits
         finally:
@@ -253,7 +253,8 @@ class Engine:
             start(r, logits[k:k + 1], hidden[k:k + 1])
 
     def _decode(self, running: list[RequestState]) -> None:
-        """Sample one token for every particle mid-step and forward them all in one batch.
+        """Sample one token for every particle mid-step and forward them all in one batch through
+        the policy. The PRM model reads them later, at the step end (``Particle.prm_lag``).
 
         Siblings that hold the same sequence and sample the same token are forwarded once; the
         others fork from that one afterwards, so no token is ever computed twice."""
@@ -264,6 +265,7 @@ class Engine:
             idx = [i for i, p in enumerate(r.particles) if not (p.step_done or p.finished)]
             if not idx:
                 continue
+            lag = int(self.prm_runner is not None and r.request.search.uses_prm)
             first: dict[tuple[int, int], int] = {}
             with record_function("pfengine::sample"):
                 new = sample(r.logits[idx], r.request.sampling, r.generator).tolist()
@@ -277,29 +279,35 @@ class Engine:
                 else:
                     p.node = r.particles[rep].node
                     dups.append((r, i, rep))
+                p.prm_lag += lag
                 self._append(r, p, t)
         if not forwarded:
             return
-        rows_t, tokens_t = torch.tensor([r.rows[i] for r, i in forwarded]), torch.tensor(tokens)
         with record_function("pfengine::decode"):
-            hidden = self.policy.decode(rows_t, tokens_t)
+            hidden = self.policy.decode(torch.tensor([r.rows[i] for r, i in forwarded]), torch.tensor(tokens))
             logits = self.policy.decoder.logits(hidden)
-        if self.prm_runner is not None:  # the PRM reads every token once, in step with the policy
-            scored = [k for k, (r, _) in enumerate(forwarded) if r.request.search.uses_prm]
-            if len(scored) < len(forwarded):  # PRM-free requests (greedy, self-consistency) in the batch
-                keep = torch.tensor(scored, dtype=torch.long)
-                rows_t, tokens_t = rows_t[keep], tokens_t[keep]
-            if scored:
-                with record_function("pfengine::prm_decode"):
-                    self.prm_runner.decode(rows_t, tokens_t)
         for k, (r, i) in enumerate(forwarded):
             r.hidden[i], r.logits[i] = hidden[k], logits[k]
         if dups:
+            self._catch_up_prm({(id(r), j): (r, j) for r, _, j in dups}.values())
             for runner in self.runners:
                 runner.blocks.assign(torch.tensor([r.rows[i] for r, i, _ in dups]),
                                      torch.tensor([r.rows[j] for r, _, j in dups]))
             for r, i, j in dups:
                 r.hidden[i], r.logits[i] = r.hidden[j], r.logits[j]
+                r.particles[i].prm_lag = r.particles[j].prm_lag
+
+    def _catch_up_prm(self, sources: Iterable[tuple[RequestState, int]]) -> None:
+        """Let the PRM model read the pending tokens of particles that siblings fork from mid-step,
+        so the forked PRM rows are complete and no token is read twice."""
+        behind = [(r, j) for r, j in sources if r.particles[j].prm_lag]
+        if not behind:
+            return
+        assert self.prm_runner is not None
+        self.prm.catch_up([r.rows[j] for r, j in behind],
+                          [r.particles[j].tokens[-r.particles[j].prm_lag:] for r, j in behind])
+        for r, j in behind:
+            r.particles[j].prm_lag = 0
 
     def _append(self, r: RequestState, p, token: int) -> None:
         sp = r.request.sampling

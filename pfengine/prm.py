@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.profiler import record_function
 
 from pfengine.kernels.prm_score import LOGIT_CLIP, P_CLIP, PRMHead
 from pfengine.model.checkpoint import CheckpointError, load_tensors
@@ -31,6 +32,8 @@ class EndedStep:
     steps: list[str]
     node: int
     """Equal nodes hold equal tokens: the PRM forwards one of them and forks the rest."""
+    pending: list[int] = field(default_factory=list)
+    """Tokens of the step the PRM model's cache has not read yet (see ``Particle.prm_lag``)."""
 
 
 class ValueHeadPRM:
@@ -45,10 +48,11 @@ class ValueHeadPRM:
 
 
 class ModelPRM:
-    """A PRM model with its own paged cache. The cache has the policy's rows and forks with them,
-    and the engine forwards every policy token through it as it is sampled, so each token is read
-    once. At a step end a step tag is appended and read: by the 2-layer head (Qwen2.5-Math-PRM
-    layout) or, Math-Shepherd style, as P(good) vs P(bad) from the LM head. With
+    """A PRM model with its own paged cache. The cache has the policy's rows and forks with them.
+    The PRM reads each policy token once, but not as it is sampled: a step's tokens wait until the
+    step ends and are read then, followed by a step tag, in one extend for all particles (wide
+    GEMMs instead of one skinny decode forward per token). The tag is read by the 2-layer head
+    (Qwen2.5-Math-PRM layout) or, Math-Shepherd style, as P(good) vs P(bad) from the LM head. With
     ``keep_tags=False`` (``model`` aggregation) the tag is scored and then dropped from the cache."""
 
     def __init__(self, runner: ModelRunner, step_tag_id: int, good_bad: tuple[int, int] | None = None) -> None:
@@ -57,6 +61,11 @@ class ModelPRM:
         self.head = runner.decoder.prm_head
         self.tags_forwarded = 0
 
+    def catch_up(self, rows: list[int], pending: list[list[int]]) -> None:
+        """Read the given rows' pending tokens now (before a sibling forks from them mid-step)."""
+        with record_function("pfengine::prm_forward"):
+            self.runner.extend(rows, pending)
+
     def score(self, ended: list[EndedStep], keep_tags: bool) -> torch.Tensor:
         """Hidden states at the tags (Qwen layout) or step logits log P(good) - log P(bad) (Shepherd)."""
         rep_of: dict[int, int] = {}
@@ -64,13 +73,15 @@ class ModelPRM:
             rep_of.setdefault(e.node, k)
         reps = sorted(set(rep_of.values()))
         rows = torch.tensor([ended[k].row for k in reps])
-        hidden = self.runner.decode(rows, torch.full_like(rows, self.step_tag_id))
+        with record_function("pfengine::prm_forward"):
+            hidden = self.runner.extend(rows.tolist(), [ended[k].pending + [self.step_tag_id] for k in reps])
         self.tags_forwarded += len(reps)
         self.runner.tokens_forwarded -= len(reps)  # tags are counted apart from content tokens
         if not keep_tags:
             self.runner.blocks.truncate(rows, 1)
         dups = [k for k, e in enumerate(ended) if rep_of[e.node] != k]
         if dups:
+            assert all(ended[k].pending == ended[rep_of[ended[k].node]].pending for k in dups)
             self.runner.blocks.assign(torch.tensor([ended[k].row for k in dups]),
                                       torch.tensor([ended[rep_of[ended[k].node]].row for k in dups]))
         position = {k: n for n, k in enumerate(reps)}

@@ -58,8 +58,8 @@ class Scheduler:
 
     def make_room(self) -> list[Event]:
         """Preempt the latest-admitted requests until this iteration's worst case fits in every cache:
-        one token per particle mid-step, and in a PRM cache also a step tag per particle not yet
-        scored. A request that cannot fit even alone fails (an error event); the others go on."""
+        one token per particle mid-step, and in a PRM cache also the step's tokens it has not read
+        yet and a step tag per particle not yet scored. A request that cannot fit even alone fails (an error event); the others go on."""
         while self.running:
             needs = self._worst_case()
             if all(need <= runner.blocks.num_free for runner, need in needs):
@@ -83,7 +83,7 @@ class Scheduler:
                     policy_rows.append(r.rows[i])
                 if r.request.search.uses_prm and not (p.frozen or p.held):
                     prm_rows.append(r.rows[i])
-                    prm_new.append(1 if p.step_done or p.finished else 2)
+                    prm_new.append(p.prm_lag + (1 if p.step_done or p.finished else 2))
         policy, *prm = self.runners
         needs = [(policy, policy.blocks.blocks_needed(torch.tensor(policy_rows, dtype=torch.int64), 1))]
         for runner in prm:

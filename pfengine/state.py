@@ -22,6 +22,9 @@ class Particle:
     """Finished and scored: keeps its weight, never extended again."""
     held: bool = False
     """A particle Gibbs reference prefix: not decoded, not scored; its next step is fixed."""
+    prm_lag: int = 0
+    """Trailing ``tokens`` the PRM model's cache has not read yet: it reads a step's tokens in one
+    extend when the step ends (or earlier, when a sibling forks from this particle mid-step)."""
     node: int = 0
     """Identity of the token sequence: particles with equal ``node`` hold identical tokens (forks of
     each other that sampled the same tokens), so only one of them is forwarded."""

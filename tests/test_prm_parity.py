@@ -51,3 +51,45 @@ def test_value_head_scores_equal_policy_hidden_state(policy_dir, value_head_file
         with torch.no_grad():
             hidden = hf.model(torch.tensor([prompt + p.token_ids])).last_hidden_state[0, -1]
         assert p.score == pytest.approx(head_prob(hidden, head), abs=1e-4)
+
+
+def test_prm_reads_each_step_in_one_extend_and_siblings_fork_mid_step(policy_dir, prm_dir):
+    """Low temperature: siblings often sample the same token, so the PRM catches up on the shared
+    tokens before they fork mid-step. The PRM never runs a per-token decode, reads each distinct token
+    once, and its scores still equal a from-scratch forward."""
+    engine = Engine(EngineConfig(model=policy_dir, prm=prm_dir, num_blocks=256, block_size=8))
+    calls = {"decode": 0, "extend_rows": [], "catch_up": 0}
+    runner, prm = engine.prm_runner, engine.prm
+    decode, extend, catch_up = runner.decode, runner.extend, prm.catch_up
+
+    def count_decode(*a, **k):
+        calls["decode"] += 1
+        return decode(*a, **k)
+
+    def count_extend(rows, token_lists):
+        calls["extend_rows"].append(len(rows))
+        return extend(rows, token_lists)
+
+    def count_catch_up(rows, pending):
+        calls["catch_up"] += 1
+        return catch_up(rows, pending)
+
+    runner.decode, runner.extend, prm.catch_up = count_decode, count_extend, count_catch_up
+    req = Request(prompt="Step 1: add 17 and 25.",
+                  sampling=SamplingParams(seed=5, temperature=0.3, max_step_tokens=6, max_steps=4),
+                  search=SearchParams(n_particles=8))
+    result = engine.generate([req])[0]
+    assert calls["decode"] == 0 and calls["catch_up"] >= 1
+    # one extend for the prompt, one per round, one per catch-up
+    assert len(calls["extend_rows"]) == 1 + result.stats.steps + calls["catch_up"]
+    seqs = [t for tr in result.trace for t in tr.tokens]
+    union = result.stats.prompt_tokens + len({tuple(s[:k]) for s in seqs for k in range(1, len(s) + 1)})
+    assert engine.stats()["prm_tokens_forwarded"] == union
+    backbone = Qwen2Model.from_pretrained(prm_dir, dtype=torch.float32).eval()
+    head = {k: v for k, v in load_file(f"{prm_dir}/model.safetensors").items() if k.startswith("score")}
+    tag = engine.tokenizer.convert_tokens_to_ids("<extra_0>")
+    prompt = engine.tokenizer.encode("Step 1: add 17 and 25.")
+    for p in result.particles:
+        with torch.no_grad():
+            hidden = backbone(torch.tensor([prompt + p.token_ids + [tag]])).last_hidden_state[0, -1]
+        assert p.score == pytest.approx(head_prob(hidden, head), abs=1e-4)

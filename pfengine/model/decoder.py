@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pfengine.batch_invariant import linear
-
+from pfengine.batch_invariant import linear, vocab_projection
 from pfengine.kernels.kv_store import store_kv
 from pfengine.kernels.paged_attention import paged_decode_attention
 from pfengine.kernels.prm_score import PRMHead
@@ -101,7 +100,7 @@ class PagedDecoder:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         assert self.lm_head is not None, "a PRM checkpoint has no language-model head"
-        return linear(hidden, self.lm_head)
+        return vocab_projection(hidden, self.lm_head)
 
     def _attention(self, i: int, layer: Layer, x: torch.Tensor, cos_sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         c = self.cfg

@@ -103,15 +103,16 @@ def fork(runners: list[ModelRunner], dst: list[int], src: list[int]) -> None:
 def _score(group: list[RequestState], prm: PRM | None, aggregation: str, decode: Callable[[list[int]], str]) -> None:
     """Score the group's particles whose step just ended; weights and ESS per request."""
     ended: list[EndedStep] = []
-    owners: list[tuple[RequestState, int]] = []
     flags = []
     for r in group:
         for i, p in enumerate(r.particles):
             fresh = p.step_done and not p.frozen and not p.held
             flags.append(fresh)
             if fresh:
-                ended.append(EndedStep(r.rows[i], r.hidden[i], r.prompt_text, [decode(s) for s in p.steps()], p.node))
-                owners.append((r, i))
+                pending = p.tokens[len(p.tokens) - p.prm_lag:]
+                ended.append(EndedStep(r.rows[i], r.hidden[i], r.prompt_text, [decode(s) for s in p.steps()], p.node,
+                                       pending))
+                p.prm_lag = 0
     dev = group[0].running.device
     scored = torch.tensor(flags, dtype=torch.bool, device=dev)
     sizes = torch.tensor([r.n for r in group], device=dev)
