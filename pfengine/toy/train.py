@@ -24,9 +24,29 @@ from safetensors.torch import save_file
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 from transformers.utils import logging as hf_logging
 
-from pfengine.toy.modeling import (Head, Sampled, StepCutter, encode_example, engine_solutions, gather, label, pad_batch,
-                                   prm_batch, prm_hidden, sample_solutions, step_end_hidden, tag_id_of)
-from pfengine.toy.task import MAX_OPS, MIN_OPS, corrupted_steps, heldout_set, problems
+from pfengine.toy.modeling import (
+    Head,
+    Sampled,
+    StepCutter,
+    encode_example,
+    engine_solutions,
+    gather,
+    label,
+    pad_batch,
+    prm_batch,
+    prm_hidden,
+    sample_solutions,
+    step_end_hidden,
+    tag_id_of,
+)
+from pfengine.toy.task import (
+    MAX_OPS,
+    MIN_OPS,
+    Problem,
+    corrupted_steps,
+    heldout_set,
+    problems,
+)
 from pfengine.toy.tokenizer import build_tokenizer, prompt_ids, save_tokenizer, step_ids
 
 
@@ -53,13 +73,16 @@ class Budget:
     """Training problems whose sampled solutions label the PRMs."""
     label_k: int
     """Samples per labelling problem."""
-    slips: float
-    """The PRM also trains on this many reference solutions with one arithmetic slip, per sample."""
     head_epochs: int
+    teacher_steps: int
+    """The PRM starts from the policy trained this many more steps (a stronger "teacher")."""
+    prm_extra_layers: int
+    """... deepened by this many layers on top (see :func:`deepened`)."""
     prm_steps: int
-    """The PRM starts from a copy of the policy's backbone (same size), fine-tuned with its head."""
     prm_batch: int
     prm_lr: float
+    """For the teacher's layers; the new layers and the head learn at ``prm_new_lr`` (head 3x)."""
+    prm_new_lr: float
     eval_problems: int
     eval_k: int
     """Held-out samples per problem at T=0.8 (their steps also evaluate the PRMs)."""
@@ -72,12 +95,13 @@ class Budget:
 BUDGETS = {
     "full": Budget(policy=LMSize(128, 4, 4, 2, 512), max_steps=3600, decay_when=0.6, decay_steps=0,
                    check_every=50, policy_batch=16, policy_lr=2e-3,
-                   label_problems=1500, label_k=8, slips=0.5, head_epochs=30,
-                   prm_steps=500, prm_batch=32, prm_lr=1e-3,
+                   label_problems=1500, label_k=8, head_epochs=30, teacher_steps=800, prm_extra_layers=2,
+                   prm_steps=2400, prm_batch=32, prm_lr=2e-4, prm_new_lr=1e-3,
                    eval_problems=400, eval_k=4),
     "tiny": Budget(policy=LMSize(32, 2, 4, 2, 64), max_steps=6, decay_when=1.0, decay_steps=4,
                    check_from=3, check_every=3, valid_problems=4, policy_batch=8, policy_lr=3e-3,
-                   label_problems=8, label_k=2, slips=0.5, head_epochs=2, prm_steps=4, prm_batch=8, prm_lr=3e-3,
+                   label_problems=8, label_k=2, head_epochs=2, teacher_steps=2, prm_extra_layers=1,
+                   prm_steps=4, prm_batch=8, prm_lr=3e-3, prm_new_lr=3e-3,
                    eval_problems=8, eval_k=2, warmup=2),
 }
 SAMPLE_TEMPERATURE = 0.8
@@ -126,22 +150,13 @@ def train_policy(tokenizer, b: Budget, seed: int) -> tuple[Qwen2ForCausalLM, dic
     streams = {k: problems("train", seed, n_ops=k) for k in range(MIN_OPS, MAX_OPS + 1)}
     valid = list(problems("train", seed + 1_000_000, b.valid_problems))
     rng = random.Random(seed)
-    pad = tokenizer.pad_token_id
     t0, ema = time.perf_counter(), None
     decay_from: int | None = None
     history: list[dict] = []
     step = 0
     while decay_from is None or step < decay_from + b.decay_steps:
         stream = streams[rng.randint(MIN_OPS, MAX_OPS)]
-        batch = [encode_example(tokenizer, next(stream)) for _ in range(b.policy_batch)]
-        ids = pad_batch([x for x, _ in batch], pad)
-        target = ids.clone()
-        for i, (x, n_prompt) in enumerate(batch):
-            target[i, :n_prompt] = -100
-            target[i, len(x):] = -100
-        logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1),
-                               ignore_index=-100)
+        loss = lm_loss(model, tokenizer, [next(stream) for _ in range(b.policy_batch)])
         if step < b.warmup:
             lr = b.policy_lr * (step + 1) / b.warmup
         elif decay_from is None:
@@ -172,6 +187,44 @@ def train_policy(tokenizer, b: Budget, seed: int) -> tuple[Qwen2ForCausalLM, dic
             log(f"policy step {step} loss {ema:.4f} ({time.perf_counter() - t0:.0f}s)")
     model.eval()
     return model, {"steps": step, "decay_from": decay_from, "checks": history}
+
+
+def lm_loss(model: Qwen2ForCausalLM, tokenizer, batch: list[Problem]) -> torch.Tensor:
+    """Teacher forcing on (problem -> reference solution + EOS), loss on the solution's tokens only."""
+    examples = [encode_example(tokenizer, p) for p in batch]
+    ids = pad_batch([x for x, _ in examples], tokenizer.pad_token_id)
+    target = ids.clone()
+    for i, (x, n_prompt) in enumerate(examples):
+        target[i, :n_prompt] = -100
+        target[i, len(x):] = -100
+    logits = model(input_ids=ids).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def train_teacher(policy: Qwen2ForCausalLM, tokenizer, b: Budget, seed: int) -> Qwen2ForCausalLM:
+    """A copy of the policy trained ``teacher_steps`` more steps on fresh problems (learning rate
+    decaying to a tenth). It solves nearly every problem, so its backbone already computes the digits
+    the sampling policy gets wrong; the PRM starts from it."""
+    torch.manual_seed(seed)
+    teacher = Qwen2ForCausalLM(policy.config)
+    teacher.load_state_dict(policy.state_dict())
+    teacher.train()
+    opt = torch.optim.AdamW(teacher.parameters(), lr=b.policy_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    streams = {k: problems("train", seed, n_ops=k) for k in range(MIN_OPS, MAX_OPS + 1)}
+    rng = random.Random(seed)
+    t0 = time.perf_counter()
+    for step in range(b.teacher_steps):
+        loss = lm_loss(teacher, tokenizer, [next(streams[rng.randint(MIN_OPS, MAX_OPS)]) for _ in range(b.policy_batch)])
+        for g in opt.param_groups:
+            g["lr"] = b.policy_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / b.teacher_steps)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % 200 == 0:
+            log(f"teacher step {step + 1}/{b.teacher_steps} loss {float(loss.detach()):.4f} "
+                f"({time.perf_counter() - t0:.0f}s)")
+    return teacher.eval()
 
 
 def accuracy(samples: list[Sampled]) -> dict[str, float]:
@@ -218,56 +271,85 @@ def train_head(hidden: torch.Tensor, labels: torch.Tensor, epochs: int, seed: in
 # Separate PRM (Qwen2.5-Math-PRM layout), initialised from the policy's backbone
 # ---------------------------------------------------------------------------------------------
 
-def slipped_solutions(tokenizer, n: int, seed: int) -> list[Sampled]:
-    """Reference solutions of ``n`` training problems with one arithmetic slip each (labelled like
-    sampled ones): dense, clean negatives next to the policy's own mostly-right samples."""
-    rng = random.Random(seed)
-    cutter = StepCutter(tokenizer, MAX_STEP_TOKENS)
-    out = []
-    for p in problems("train", seed, n):
-        ids = [t for s in step_ids(tokenizer, corrupted_steps(p, rng)) for t in s] + [tokenizer.eos_token_id]
-        out.append(label(cutter, p, prompt_ids(tokenizer, p.text), ids))
-    return out
+class SlipStream:
+    """Fresh labelled solutions of training problems, never repeated: the reference solution, or
+    (with probability ``p_slip``) one with an arithmetic slip. Clean negatives at every step position,
+    next to the policy's own mostly-right samples."""
+
+    def __init__(self, tokenizer, seed: int, p_slip: float = 0.6) -> None:
+        self.tokenizer, self.p_slip = tokenizer, p_slip
+        self.cutter = StepCutter(tokenizer, MAX_STEP_TOKENS)
+        self.rng = random.Random(seed)
+        self.problems = problems("train", seed)
+
+    def __next__(self) -> Sampled:
+        p = next(self.problems)
+        steps = corrupted_steps(p, self.rng) if self.rng.random() < self.p_slip else p.steps()
+        ids = [t for s in step_ids(self.tokenizer, steps) for t in s] + [self.tokenizer.eos_token_id]
+        return label(self.cutter, p, prompt_ids(self.tokenizer, p.text), ids)
 
 
-def train_prm(policy: Qwen2ForCausalLM, tokenizer, samples: list[Sampled], b: Budget, seed: int
-              ) -> tuple[torch.nn.Module, Head]:
-    """Fine-tune a copy of the policy's backbone plus a fresh head on step-tag positions. Every batch
-    holds each sample twice, in the engine's two PRM layouts (tags kept / tags dropped), so one
-    checkpoint serves every aggregation."""
+def deepened(model: Qwen2ForCausalLM, extra: int) -> Qwen2Model:
+    """The model's backbone with ``extra`` more layers on top, each a copy of the last layer with its
+    output projections zeroed: the new layers start as the identity, so the PRM starts from exactly
+    the teacher's features, and they add the depth to compare a written digit with the predicted one
+    and carry the verdict to the step tag."""
+    d = model.config.to_dict()
+    d["num_hidden_layers"] += extra
+    d.pop("layer_types", None)
+    backbone = Qwen2Model(Qwen2Config.from_dict(d))
+    state = dict(model.model.state_dict())
+    last = model.config.num_hidden_layers - 1
+    for k, v in list(state.items()):
+        if k.startswith(f"layers.{last}."):
+            for j in range(last + 1, last + 1 + extra):
+                zero = k.endswith(("o_proj.weight", "down_proj.weight"))
+                state[k.replace(f"layers.{last}.", f"layers.{j}.")] = torch.zeros_like(v) if zero else v.clone()
+    backbone.load_state_dict(state)
+    return backbone
+
+
+def train_prm(teacher: Qwen2ForCausalLM, tokenizer, samples: list[Sampled], b: Budget, seed: int
+              ) -> tuple[Qwen2Model, Head]:
+    """Fine-tune the deepened teacher backbone plus a fresh head on the engine's ``model`` layout
+    (the prefix plus one step tag). Half of each batch is the policy's own samples, half fresh
+    reference / slipped solutions. Losses: the step label at each tag and the dense per-token label
+    (:func:`token_labels`) at each generated token."""
     torch.manual_seed(seed)
-    backbone = Qwen2Model(policy.config)
-    backbone.load_state_dict(policy.model.state_dict())
+    backbone = deepened(teacher, b.prm_extra_layers)
     backbone.train()
-    head = Head(policy.config.hidden_size)
-    opt = torch.optim.AdamW([{"params": backbone.parameters(), "lr": b.prm_lr},
-                             {"params": head.parameters(), "lr": b.prm_lr * 3}], weight_decay=0.01)
+    head = Head(teacher.config.hidden_size)
+    first_new = teacher.config.num_hidden_layers
+    new = [p for n, p in backbone.named_parameters() if n.startswith("layers.") and int(n.split(".")[1]) >= first_new]
+    new_ids = {id(p) for p in new}
+    old = [p for p in backbone.parameters() if id(p) not in new_ids]
+    opt = torch.optim.AdamW([{"params": old, "lr": b.prm_lr}, {"params": new, "lr": b.prm_new_lr},
+                             {"params": head.parameters(), "lr": 3 * b.prm_new_lr}], weight_decay=0.01)
     base = [g["lr"] for g in opt.param_groups]
     tag, pad = tag_id_of(tokenizer), tokenizer.pad_token_id
     rng = random.Random(seed)
+    fresh = SlipStream(tokenizer, seed + 1)
     order: list[int] = []
+    half = b.prm_batch // 2
     t0, ema = time.perf_counter(), None
     for step in range(b.prm_steps):
-        if len(order) < b.prm_batch:
+        if len(order) < half:
             more = list(range(len(samples)))
             rng.shuffle(more)
             order += more
-        chunk = [samples[i] for i in order[:b.prm_batch]]
-        del order[:b.prm_batch]
+        chunk = [samples[i] for i in order[:half]] + [next(fresh) for _ in range(b.prm_batch - half)]
+        del order[:half]
+        batch = prm_batch(chunk, tag, pad, "model")
+        hidden = prm_hidden(backbone, batch)
+        steps = torch.tensor([y for lab in batch.labels for y in lab])
         dense = torch.tensor([int(y) for s in chunk for y in s.token_labels])
-        losses = []
-        for mode in ("all", "model"):
-            batch = prm_batch(chunk, tag, pad, mode)
-            hidden = prm_hidden(backbone, batch)
-            steps = torch.tensor([y for lab in batch.labels for y in lab])
-            losses.append(F.cross_entropy(head(gather(hidden, batch.tags)), steps))
-            losses.append(F.cross_entropy(head(gather(hidden, batch.generated)), dense))
-        loss = sum(losses) / len(losses)
+        loss = (F.cross_entropy(head(gather(hidden, batch.tags)), steps)
+                + F.cross_entropy(head(gather(hidden, batch.generated)), dense)) / 2
         for g, lr in zip(opt.param_groups, base):
             g["lr"] = lr_at(step, b.prm_steps, lr, b.warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(backbone.parameters()) + list(head.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(backbone.parameters(), 1.0)
         opt.step()
         ema = float(loss.detach()) if ema is None else 0.97 * ema + 0.03 * float(loss.detach())
         if (step + 1) % 100 == 0 or step + 1 == b.prm_steps:
@@ -290,11 +372,11 @@ def save_policy(model: Qwen2ForCausalLM, tokenizer, head: Head | None, path: Pat
         save_file(head.state(), str(path / "value_head.safetensors"))
 
 
-def save_prm(backbone: torch.nn.Module, head: Head, config: Qwen2Config, tokenizer, path: Path) -> None:
+def save_prm(backbone: Qwen2Model, head: Head, tokenizer, path: Path) -> None:
     """``config.json`` with ``architectures: ["Qwen2ForProcessRewardModel"]``; ``model.safetensors``
     with the backbone as ``model.*`` (no ``lm_head``) and the head as ``score.0.*`` / ``score.2.*``."""
     path.mkdir(parents=True, exist_ok=True)
-    cfg = Qwen2Config.from_dict(config.to_dict())
+    cfg = Qwen2Config.from_dict(backbone.config.to_dict())
     cfg.architectures = ["Qwen2ForProcessRewardModel"]
     cfg.tie_word_embeddings = False
     cfg.save_pretrained(str(path))
@@ -373,9 +455,12 @@ def run(out: Path, budget: str = "full", seed: int = 0, sampler: str = "engine")
     report["seconds"]["value_head"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    slipped = slipped_solutions(tokenizer, int(b.slips * len(samples)), seed + 7)
-    backbone, prm_head = train_prm(policy, tokenizer, samples + slipped, b, seed + 4)
-    save_prm(backbone, prm_head, policy.config, tokenizer, prm_dir)
+    teacher = train_teacher(policy, tokenizer, b, seed + 7)
+    report["seconds"]["teacher"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    backbone, prm_head = train_prm(teacher, tokenizer, samples, b, seed + 4)
+    save_prm(backbone, prm_head, tokenizer, prm_dir)
     report["seconds"]["prm"] = time.perf_counter() - t
     report["tokenizer"] = check_tokenizer(policy_dir, tokenizer, samples)
 
