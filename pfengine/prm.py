@@ -72,13 +72,13 @@ class ModelPRM:
         for k, e in enumerate(ended):
             rep_of.setdefault(e.node, k)
         reps = sorted(set(rep_of.values()))
-        rows = torch.tensor([ended[k].row for k in reps])
+        rows = [ended[k].row for k in reps]
         with record_function("pfengine::prm_forward"):
-            hidden = self.runner.extend(rows.tolist(), [ended[k].pending + [self.step_tag_id] for k in reps])
+            hidden = self.runner.extend(rows, [ended[k].pending + [self.step_tag_id] for k in reps])
         self.tags_forwarded += len(reps)
         self.runner.tokens_forwarded -= len(reps)  # tags are counted apart from content tokens
         if not keep_tags:
-            self.runner.blocks.truncate(rows, 1)
+            self.runner.blocks.truncate(torch.tensor(rows), 1)
         dups = [k for k, e in enumerate(ended) if rep_of[e.node] != k]
         if dups:
             assert all(ended[k].pending == ended[rep_of[ended[k].node]].pending for k in dups)
