@@ -71,9 +71,12 @@ def cpp_kernels() -> dict:
         "pfengine._cpp",
         sources,
         include_dirs=[os.path.join(HERE, "csrc")],
-        # No -march=native: the AVX2/FMA/F16C code in csrc/paged_attention.cpp is compiled per function
-        # and chosen at run time, so the module also loads on CPUs without AVX2.
-        extra_compile_args=["-O3", "-g0"],
+        # No -march=native: the AVX2 / AVX-512 code in csrc/ is compiled per function and chosen at run
+        # time, so the module also loads on CPUs without them. -fopenmp: torch's CPU builds implement
+        # at::parallel_for with OpenMP in the header; without the flag its pragma compiles away and every
+        # kernel runs on one thread (the libgomp torch already loaded is the one used).
+        extra_compile_args=["-O3", "-g0", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
         depends=sorted(glob(os.path.join(HERE, "csrc", "*.h"))),
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}}

@@ -6,7 +6,7 @@
 (``make test`` runs this file once with ``--benchmark-disable``, untimed, so it cannot rot). Paged decode attention at
 N in {16, 64} particles x context in {256, 2048} (Hq=8, Hkv=2, D=64, B=16, fp32 and bf16 cache,
 each particle on its own randomly placed blocks), and a resampling round -- resample + fork of the
-block tables -- at N in {64, 1024}. Each group's table shows, in parentheses, every time relative
+block tables -- at N in {64, 1024}, and the row-invariant linear layer at 8, 128 and 4224 rows. Each group's table shows, in parentheses, every time relative
 to the fastest in the group (the C++ kernel): the reference's median ratio is the speed-up.
 """
 from __future__ import annotations
@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from pfengine.cache.block_manager import BlockManager
+from pfengine.kernels import cpp_ops
 from pfengine.kernels.fork import fork_cpp, fork_ref
+from pfengine.kernels.linear import Weight, linear, linear_ref, prepare
 from pfengine.kernels.paged_attention import paged_decode_attention_cpp, paged_decode_attention_ref
 from pfengine.kernels.resample import resample_cpp, resample_ref
 
@@ -88,3 +90,18 @@ def test_resample_and_fork(benchmark, n, impl):
     benchmark.group = f"resample+fork N={n}"
     res = benchmark.pedantic(step, setup=setup, rounds=200 if n == 64 else 50, warmup_rounds=2)
     assert int(res.num_cow[0]) > 0
+
+
+@pytest.mark.parametrize("impl", ["cpp", "ref"])
+@pytest.mark.parametrize("rows", [8, 128, 4224])
+def test_linear(benchmark, rows, impl):
+    """The benchmark model's MLP up-projection (gate+up, 2048 x 512): a decode batch of 4 or 64
+    particles x 2 prompts, and a PRM extend of 128 sequences x 33 tokens."""
+    if impl == "cpp" and not cpp_ops().has_packed_linear():
+        pytest.skip("packed_linear needs AVX-512F")
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 512, generator=g), torch.randn(2048, 512, generator=g) / 512 ** 0.5
+    weight = prepare(w) if impl == "cpp" else Weight(w, None, 2048)
+    benchmark.group = f"linear rows={rows} 2048x512"
+    out = benchmark.pedantic(linear, args=(x, weight), rounds=max(5, 20000 // rows), warmup_rounds=1)
+    torch.testing.assert_close(out, linear_ref(x, w), rtol=1e-4, atol=1e-4)

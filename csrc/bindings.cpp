@@ -231,6 +231,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fork_op(const at::Tensor& tables,
   return {pairs, num_cow, missing};
 }
 
+at::Tensor pack_linear_op(const at::Tensor& weight) {
+  check_cpu(weight, "weight");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
+              "pack_linear: weight must be a 2-D float32 tensor [out_features, in_features], got ",
+              weight.scalar_type(), " of shape ", weight.sizes());
+  const at::Tensor w = weight.contiguous();
+  const int64_t n = w.size(0), k = w.size(1);
+  at::Tensor packed = at::empty({(n + kPanel - 1) / kPanel, k, kPanel}, w.options());
+  pack_linear_weight(w.data_ptr<float>(), n, k, packed.data_ptr<float>());
+  return packed;
+}
+
+at::Tensor packed_linear_op(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                            const c10::optional<at::Tensor>& bias) {
+  check_cpu({{&x, "x"}, {&packed, "packed"}});
+  TORCH_CHECK(cpu_has_avx512(), "packed_linear: needs AVX-512F, which this CPU lacks");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "packed_linear: x must be a 2-D float32 tensor");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous() &&
+                  packed.scalar_type() == at::kFloat,
+              "packed_linear: packed must come from pack_linear");
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(packed.size(1) == k, "packed_linear: x has ", k, " features, the weight ", packed.size(1));
+  TORCH_CHECK(out_features > 0 && (out_features + kPanel - 1) / kPanel == packed.size(0),
+              "packed_linear: out_features ", out_features, " does not match the packed weight");
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  at::Tensor b;
+  if (bias.has_value()) {
+    check_cpu(*bias, "bias");
+    TORCH_CHECK(bias->numel() == out_features && bias->scalar_type() == at::kFloat,
+                "packed_linear: bias must be float32 with out_features entries");
+    b = bias->contiguous();
+  }
+  at::Tensor y = at::empty({m, out_features}, x.options());
+  if (m == 0) return y;
+  packed_linear({xc.data_ptr<float>(), xc.stride(0), packed.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
+                 y.data_ptr<float>(), m, out_features, k});
+  return y;
+}
+
 }  // namespace
 }  // namespace pfengine
 
@@ -238,7 +277,7 @@ PYBIND11_MODULE(_cpp, m) {
   namespace py = pybind11;
   using pfengine::attention_isa;
   m.doc() = "pfengine C++ CPU kernels (csrc/): paged decode attention, KV store, COW block copy, resampling, fork, "
-            "temperature sampling";
+            "temperature sampling, row-invariant linear";
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("paged_decode_attention", &pfengine::paged_decode_attention_op, nogil, py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"));
@@ -252,6 +291,10 @@ PYBIND11_MODULE(_cpp, m) {
         py::arg("block_size"));
   m.def("temperature_sample", &pfengine::temperature_sample, nogil, py::arg("logits"), py::arg("temperature"),
         py::arg("u"));
+  m.def("pack_linear", &pfengine::pack_linear_op, nogil, py::arg("weight"));
+  m.def("packed_linear", &pfengine::packed_linear_op, nogil, py::arg("x"), py::arg("packed"), py::arg("out_features"),
+        py::arg("bias") = py::none());
+  m.def("has_packed_linear", &pfengine::cpu_has_avx512, "True when packed_linear can run on this CPU (AVX-512F).");
   m.def("isa", [] { return std::string(attention_isa()); },
         "Attention code path on this CPU: 'avx2' (AVX2+FMA+F16C) or 'generic'.");
   m.def("_force_generic", &pfengine::attention_force_generic, py::arg("on"),

@@ -69,4 +69,21 @@ struct ForkState {
 int64_t fork(const ForkState& s, const int64_t* rows, const int64_t* ancestors, const bool* writes, int64_t m,
              int64_t block_size, int64_t* pairs, int64_t* missing);
 
+// Row-invariant linear layer (csrc/linear.cpp): y[m, n] = x[m, :] . w[n, :] (+ bias[n]), fp32, with w
+// packed by pack_linear_weight into [ceil(n / kPanel), k, kPanel].
+constexpr int64_t kPanel = 64;
+struct LinearArgs {
+  const float* x;               // [m, k], row stride ldx, unit column stride
+  int64_t ldx;
+  const float* packed;
+  const float* bias;            // [n] or nullptr
+  float* y;                     // [m, n] contiguous
+  int64_t m, n, k;
+};
+void pack_linear_weight(const float* w, int64_t n, int64_t k, float* packed);
+void packed_linear(const LinearArgs& a);
+
+// True when packed_linear can run here (AVX-512F).
+bool cpu_has_avx512();
+
 }  // namespace pfengine

@@ -14,7 +14,7 @@ from pfengine.cache.block_manager import BlockManager
 from pfengine.kernels.copy_blocks import copy_blocks_ref
 from pfengine.kernels.fork import ForkResult, fork_ref
 from pfengine.kernels.kv_store import store_kv_ref
-from pfengine.kernels.paged_attention import paged_decode_attention_ref
+from pfengine.kernels.paged_attention import paged_decode_attention_ref, paged_extend_attention_ref
 from pfengine.kernels.resample import resample_ref
 
 Tensor = torch.Tensor
@@ -217,6 +217,47 @@ def check_attention_single_token_and_empty(attend: AttendFn) -> None:
     torch.testing.assert_close(out[0], vc[int(tables[0, 0]), 0], rtol=0, atol=1e-6)
     empty = attend(q[:0], kc, vc, tables[:0], ctx[:0], 0.25)
     assert empty.shape == (0, 2, 16) and empty.dtype == q.dtype
+
+
+def numpy_extend_attention(q: Tensor, kc: Tensor, vc: Tensor, tables: Tensor, cu_q: list[int], lens: Tensor,
+                           scale: float) -> np.ndarray:
+    """Sequence s's new tokens are the last ``cu_q[s+1] - cu_q[s]`` of its ``lens[s]``; each attends
+    causally (up to and including itself)."""
+    q, kc, vc = (x.double().numpy() for x in (q, kc, vc))
+    hq, d = q.shape[1:]
+    b, hkv = kc.shape[1], kc.shape[2]
+    out = np.zeros(q.shape)
+    for s, (lo, hi) in enumerate(zip(cu_q[:-1], cu_q[1:])):
+        ctx = int(lens[s])
+        blocks = tables[s, :(ctx + b - 1) // b].long().numpy()
+        k = kc[blocks].reshape(-1, hkv, d)[:ctx]
+        v = vc[blocks].reshape(-1, hkv, d)[:ctx]
+        visible = np.arange(ctx)[None, :] <= np.arange(ctx - (hi - lo), ctx)[:, None]
+        for h in range(hq):
+            kvh = h // (hq // hkv)
+            sc = np.where(visible, q[lo:hi, h] @ k[:, kvh].T * scale, -np.inf)
+            p = np.exp(sc - sc.max(-1, keepdims=True))
+            out[lo:hi, h] = (p / p.sum(-1, keepdims=True)) @ v[:, kvh]
+    return out
+
+
+EXTEND_CASES = [([40, 7, 33], [5, 7, 1], 4, 2, 16, 8, torch.float32),
+                ([100, 17], [33, 17], 8, 2, 64, 16, torch.bfloat16),
+                ([3], [3], 2, 1, 8, 4, torch.float32)]
+"""(context lengths, new tokens per sequence, hq, hkv, d, block size, cache dtype)"""
+
+
+def check_extend_attention(extend: Callable[..., Tensor], lens: list[int], new: list[int], hq: int, hkv: int, d: int,
+                           b: int, dtype: torch.dtype) -> None:
+    """``extend`` equals the numpy oracle, and so does the SDPA reference."""
+    _, kc, vc, tables, ctx = attention_case(lens, hq, hkv, d, b, dtype, seed=sum(lens) + d)
+    cu_q = np.concatenate([[0], np.cumsum(new)]).tolist()
+    q = torch.randn(cu_q[-1], hq, d, generator=torch.Generator().manual_seed(d))
+    oracle = torch.from_numpy(numpy_extend_attention(q, kc, vc, tables, cu_q, ctx, d ** -0.5))
+    for fn in (extend, paged_extend_attention_ref):
+        out = fn(q, kc, vc, tables, cu_q, ctx, d ** -0.5)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        torch.testing.assert_close(out.double(), oracle, rtol=2e-5, atol=2e-5)
 
 
 # ------------------------------------------------------------------------------------------------

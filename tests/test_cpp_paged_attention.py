@@ -3,10 +3,11 @@ its code paths (AVX2 and portable), plus the CPU dispatch."""
 import pytest
 import torch
 
-from kernel_cases import ATTENTION_CASES, attention_case, check_attention, check_attention_single_token_and_empty
+from kernel_cases import (ATTENTION_CASES, EXTEND_CASES, attention_case, check_attention,
+                          check_attention_single_token_and_empty, check_extend_attention)
 from pfengine.kernels import paged_attention as pa
 from pfengine.kernels.paged_attention import (
-    paged_decode_attention, paged_decode_attention_cpp, paged_decode_attention_ref)
+    paged_decode_attention, paged_decode_attention_cpp, paged_decode_attention_ref, paged_extend_attention)
 
 pytestmark = pytest.mark.cpp
 
@@ -128,3 +129,9 @@ def test_dispatch_takes_cpp_on_cpu_and_the_reference_with_pfengine_cpp_0(monkeyp
     ref = paged_decode_attention(q, kc, vc, tables, ctx, 0.25)
     assert calls == ["cpp"], "PFENGINE_CPP=0 must take the reference"
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("case", EXTEND_CASES)
+def test_extend_runs_every_new_token_as_a_decode_row(isa, case):
+    """Prefill / PRM extends: each new token attends causally over its sequence's blocks."""
+    check_extend_attention(paged_extend_attention, *case)

@@ -4,9 +4,11 @@ from functools import partial
 import pytest
 import torch
 
-from kernel_cases import ATTENTION_CASES, attention_case, check_attention, check_attention_single_token_and_empty
+from kernel_cases import (ATTENTION_CASES, EXTEND_CASES, attention_case, check_attention,
+                          check_attention_single_token_and_empty, check_extend_attention)
 from pfengine.kernels.paged_attention import (
-    choose_num_splits, paged_decode_attention, paged_decode_attention_ref, paged_decode_attention_triton)
+    choose_num_splits, paged_decode_attention, paged_decode_attention_ref, paged_decode_attention_triton,
+    paged_extend_attention)
 
 pytest.importorskip("triton")
 
@@ -55,3 +57,9 @@ def test_strided_query_and_profiler_ranges():
     names = {e.name for e in prof.events()}
     assert {"pfengine::paged_attention", "pfengine::paged_attention_split",
             "pfengine::paged_attention_merge"} <= names
+
+
+@pytest.mark.parametrize("case", EXTEND_CASES)
+def test_extend_runs_every_new_token_as_a_decode_row(case):
+    """Prefill / PRM extends: each new token attends causally over its sequence's blocks."""
+    check_extend_attention(paged_extend_attention, *case)

@@ -1,7 +1,9 @@
-"""Paged decode attention: one query token per particle against its KV blocks."""
+"""Paged attention: one query token per particle against its KV blocks (decode), and several new
+tokens per sequence on top of cached context (extend: prompt prefill, the PRM's step extends)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from pfengine.kernels import cdiv, cpp_ops, lazy_jit, next_pow2, profiled, use_cpp, use_triton
 
@@ -61,6 +63,46 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     scores.masked_fill_((pos[None, :] >= context_lens[:, None])[:, None, None, :], float("-inf"))
     out = torch.einsum("nhgt,nthd->nhgd", scores.softmax(-1), v)
     return out.reshape(n, hq, d).to(q.dtype)
+
+
+def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, cu_q: list[int], context_lens: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """Causal attention of sequence ``s``'s new tokens ``q[cu_q[s]:cu_q[s+1]]`` (their K/V already
+    stored) over its first ``context_lens[s]`` cached tokens through ``block_tables[s]``. Keys and
+    values are read from the cache, as later decode steps read them (so a bf16 cache rounds alike).
+
+    On the Triton and C++ paths every new token becomes a decode row of its own that reads its
+    sequence's blocks up to its own position: no gather copy of the context, one launch for the whole
+    batch, and a token's result is independent of the batch. Else the torch reference."""
+    if use_triton(q) or use_cpp(q):
+        n = torch.tensor([hi - lo for lo, hi in zip(cu_q[:-1], cu_q[1:])], device=q.device)
+        seq = torch.repeat_interleave(torch.arange(len(n), device=q.device), n)
+        index = torch.arange(q.shape[0], device=q.device) - torch.tensor(cu_q[:-1], device=q.device)[seq]
+        lens = context_lens.to(q.device)[seq] - n[seq] + index + 1
+        return paged_decode_attention(q, k_cache, v_cache, block_tables[seq], lens, scale)
+    return paged_extend_attention_ref(q, k_cache, v_cache, block_tables, cu_q, context_lens, scale)
+
+
+def paged_extend_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, cu_q: list[int], context_lens: torch.Tensor,
+                               scale: float) -> torch.Tensor:
+    """SDPA per sequence over its context gathered from the cache."""
+    out = torch.empty_like(q)
+    groups = q.shape[1] // k_cache.shape[2]
+    block_size = k_cache.shape[1]
+    for s, (lo, hi) in enumerate(zip(cu_q[:-1], cu_q[1:])):
+        total = int(context_lens[s])
+        blocks = block_tables[s, :(total + block_size - 1) // block_size].long()
+        ks = k_cache[blocks].flatten(0, 1)[:total].to(q.dtype)
+        vs = v_cache[blocks].flatten(0, 1)[:total].to(q.dtype)
+        pos_q = torch.arange(total - (hi - lo), total, device=q.device)
+        mask = torch.arange(total, device=q.device)[None, :] <= pos_q[:, None]
+        o = F.scaled_dot_product_attention(
+            q[lo:hi].transpose(0, 1), ks.repeat_interleave(groups, 1).transpose(0, 1),
+            vs.repeat_interleave(groups, 1).transpose(0, 1), attn_mask=mask, scale=scale)
+        out[lo:hi] = o.transpose(0, 1)
+    return out
 
 
 def choose_num_splits(n: int, num_kv_heads: int, max_blocks: int, device: torch.device) -> int:

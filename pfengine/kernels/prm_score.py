@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pfengine.batch_invariant import linear
+from pfengine.kernels.linear import linear_ref
 from pfengine.kernels import cdiv, lazy_jit, next_pow2, profiled, use_triton
 
 tl = None  # triton.language, bound by lazy_jit when a kernel is first launched
@@ -51,8 +51,8 @@ def score_particles_ref(hidden: torch.Tensor, head: PRMHead, running: torch.Tens
 
 def head_logit(hidden: torch.Tensor, head: PRMHead) -> torch.Tensor:
     """logit(p_correct) = l1 - l0, clipped as the paper clips p to [1e-7, 1 - 1e-7]."""
-    h = torch.relu(linear(hidden.float(), head.w1, head.b1))
-    logits = linear(h, head.w2, head.b2)
+    h = torch.relu(linear_ref(hidden.float(), head.w1, head.b1))
+    logits = linear_ref(h, head.w2, head.b2)
     return (logits[:, 1] - logits[:, 0]).clamp(-LOGIT_CLIP, LOGIT_CLIP)
 
 

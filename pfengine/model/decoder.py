@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pfengine.batch_invariant import linear, vocab_projection
 from pfengine.kernels.kv_store import store_kv
-from pfengine.kernels.paged_attention import paged_decode_attention
+from pfengine.kernels.linear import Weight, linear, prepare, vocab_projection
+from pfengine.kernels.paged_attention import paged_decode_attention, paged_extend_attention
 from pfengine.kernels.prm_score import PRMHead
 from pfengine.model.checkpoint import ModelConfig, expected_shapes, load_tensors, read_config
 from pfengine.model.rope import apply_rope, rope_table
@@ -46,11 +46,11 @@ class ForwardBatch:
 
 @dataclass
 class Layer:
-    qkv_w: torch.Tensor
+    qkv_w: Weight
     qkv_b: torch.Tensor | None
-    o_w: torch.Tensor
-    gate_up_w: torch.Tensor
-    down_w: torch.Tensor
+    o_w: Weight
+    gate_up_w: Weight
+    down_w: Weight
     attn_norm: torch.Tensor
     mlp_norm: torch.Tensor
 
@@ -65,6 +65,7 @@ class PagedDecoder:
         self.embed = t["model.embed_tokens.weight"]
         self.norm = t["model.norm.weight"]
         self.lm_head = None if cfg.is_prm else t.get("lm_head.weight", self.embed)
+        self.unembed = None if self.lm_head is None else prepare(self.lm_head)
         self.prm_head = (PRMHead(t["score.0.weight"], t["score.0.bias"], t["score.2.weight"], t["score.2.bias"])
                          if cfg.is_prm else None)
         self.layers = [self._layer(t, f"model.layers.{i}.") for i in range(cfg.num_layers)]
@@ -81,10 +82,10 @@ class PagedDecoder:
         qkv_b = (torch.cat([t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]])
                  if self.cfg.qkv_bias else None)
         return Layer(
-            qkv_w=torch.cat([t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"]]),
-            qkv_b=qkv_b, o_w=t[a + "o_proj.weight"],
-            gate_up_w=torch.cat([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]]),
-            down_w=t[p + "mlp.down_proj.weight"],
+            qkv_w=prepare(torch.cat([t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"]])),
+            qkv_b=qkv_b, o_w=prepare(t[a + "o_proj.weight"]),
+            gate_up_w=prepare(torch.cat([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]])),
+            down_w=prepare(t[p + "mlp.down_proj.weight"]),
             attn_norm=t[p + "input_layernorm.weight"], mlp_norm=t[p + "post_attention_layernorm.weight"])
 
     @torch.inference_mode()
@@ -99,8 +100,8 @@ class PagedDecoder:
         return _rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        assert self.lm_head is not None, "a PRM checkpoint has no language-model head"
-        return vocab_projection(hidden, self.lm_head)
+        assert self.unembed is not None, "a PRM checkpoint has no language-model head"
+        return vocab_projection(hidden, self.unembed)
 
     def _attention(self, i: int, layer: Layer, x: torch.Tensor, cos_sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         c = self.cfg
@@ -120,8 +121,8 @@ class PagedDecoder:
 
     def _extend_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                           v_cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
-        """Several new tokens per sequence on top of (possibly) cached context: SDPA per sequence,
-        or one flash-attn varlen call when every sequence is a fresh prompt."""
+        """Several new tokens per sequence on top of (possibly) cached context; one flash-attn varlen
+        call when every sequence is a fresh prompt on CUDA."""
         lens = [hi - lo for lo, hi in zip(batch.cu_q[:-1], batch.cu_q[1:])]
         if self.flash is not None and batch.context_lens.tolist() == lens:
             cu = torch.tensor(batch.cu_q, dtype=torch.int32, device=q.device)
@@ -129,24 +130,8 @@ class PagedDecoder:
             out = self.flash(q.to(half), k.to(half), v.to(half), cu, cu, max(lens), max(lens),
                              softmax_scale=scale, causal=True)
             return out.to(q.dtype)
-        out = torch.empty_like(q)
-        groups = self.cfg.num_heads // self.cfg.num_kv_heads
-        block_size = k_cache.shape[1]
-        for s, (lo, hi) in enumerate(zip(batch.cu_q[:-1], batch.cu_q[1:])):
-            total = int(batch.context_lens[s])
-            if total == hi - lo:
-                ks, vs = k[lo:hi], v[lo:hi]
-            else:
-                blocks = self.tables[batch.rows[s], :(total + block_size - 1) // block_size].long()
-                ks = k_cache[blocks].flatten(0, 1)[:total].to(q.dtype)
-                vs = v_cache[blocks].flatten(0, 1)[:total].to(q.dtype)
-            pos_q = torch.arange(total - (hi - lo), total, device=q.device)
-            mask = torch.arange(total, device=q.device)[None, :] <= pos_q[:, None]
-            o = F.scaled_dot_product_attention(
-                q[lo:hi].transpose(0, 1), ks.repeat_interleave(groups, 1).transpose(0, 1),
-                vs.repeat_interleave(groups, 1).transpose(0, 1), attn_mask=mask, scale=scale)
-            out[lo:hi] = o.transpose(0, 1)
-        return out
+        return paged_extend_attention(q, k_cache, v_cache, self.tables[batch.rows], batch.cu_q, batch.context_lens,
+                                      scale)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
