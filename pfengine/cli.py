@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pfengine.config import AGGREGATIONS, KV_DTYPES, METHODS, RESAMPLING, SELECTIONS
+from pfengine.toy.pf import DEMO_TEMPERATURE
 
 if TYPE_CHECKING:
     from pfengine.config import Request
@@ -70,7 +71,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="cap on prompt + generated tokens (default: the model's max_position_embeddings)")
 
 
-def _add_request_options(p: argparse.ArgumentParser, max_steps: int = 6, max_step_tokens: int = 24) -> None:
+def _add_request_options(p: argparse.ArgumentParser, max_steps: int = 6, max_step_tokens: int = 24,
+                         temperature: float = 0.8) -> None:
     s = p.add_argument_group("search")
     s.add_argument("--method", default="particle_filter", choices=METHODS,
                    help="search method (default particle_filter); greedy and self_consistency need no PRM")
@@ -98,8 +100,8 @@ def _add_request_options(p: argparse.ArgumentParser, max_steps: int = 6, max_ste
     s.add_argument("--beam-width", type=int, default=4,
                    help="beam search: keep N/M, expand each M ways; DVTS: N/M subtrees of width M (default 4)")
     g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=0.8,
-                   help="policy sampling temperature; 0 is greedy (default 0.8)")
+    g.add_argument("--temperature", type=float, default=temperature,
+                   help=f"policy sampling temperature; 0 is greedy (default {temperature})")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     g.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0: off)")
     g.add_argument("--seed", type=int, default=0,
@@ -139,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "steps) or the value head on the policy")
     demo.add_argument("--out", default="out/demo", help="where the table (results.md / .json) and plot go")
     demo.add_argument("--no-eval", action="store_true", help="only the traced run, no evaluation")
-    _add_request_options(demo)
+    _add_request_options(demo, temperature=DEMO_TEMPERATURE)
     _add_output_options(demo)
 
     gen = sub.add_parser("generate", help="solve one prompt with a local checkpoint",
@@ -322,11 +324,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"Model: {POLICY} (bundled toy policy) + PRM {prm}\n")
     engine = Engine(EngineConfig(model=str(POLICY), prm=str(prm), num_blocks=8192, max_particles=4096))
     problems = heldout_set(max(args.problems, 1))
-    evaluate.trace_one(engine, evaluate.hard_problem(engine, problems[:50], args.particles, args.seed),
-                       budget=args.particles, seed=args.seed)
+    t = args.temperature
+    print(f"Sampling temperature {t}\n")
+    evaluate.trace_one(engine, evaluate.hard_problem(engine, problems[:50], args.particles, args.seed, t),
+                       budget=args.particles, seed=args.seed, temperature=t)
     if args.no_eval:
         return 0
-    rows = evaluate.evaluate(engine, problems[:args.problems], tuple(args.budgets), seed=args.seed)
+    rows = evaluate.evaluate(engine, problems[:args.problems], tuple(args.budgets), seed=args.seed, temperature=t)
     out = Path(args.out)
     evaluate.write_report(rows, out)
     print(evaluate.markdown(rows))

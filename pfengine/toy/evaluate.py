@@ -16,7 +16,7 @@ from tqdm import tqdm
 from pfengine.config import Request
 from pfengine.engine import Engine
 from pfengine.state import PFResult
-from pfengine.toy.pf import pf_request
+from pfengine.toy.pf import DEMO_TEMPERATURE, pf_request
 from pfengine.toy.task import Problem, extract_answer
 
 METHODS = ("best_of_n", "weighted_best_of_n", "self_consistency", "beam_search", "dvts", "particle_filter")
@@ -45,9 +45,10 @@ class Row:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def request(problem: Problem, method: str, budget: int, seed: int) -> Request:
+def request(problem: Problem, method: str, budget: int, seed: int, temperature: float = DEMO_TEMPERATURE) -> Request:
     """Beam search and DVTS keep ``budget`` beams in groups of (at most) 4, as search-and-learn does."""
-    return pf_request(problem, n_particles=budget, seed=seed, method=method, beam_width=min(4, budget))
+    return pf_request(problem, n_particles=budget, seed=seed, temperature=temperature, method=method,
+                      beam_width=min(4, budget))
 
 
 def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -64,8 +65,8 @@ def is_correct(problem: Problem, result: PFResult) -> bool:
 
 
 def run_method(engine: Engine, problems: list[Problem], method: str, budget: int, seed: int,
-               progress: tqdm | None = None) -> Row:
-    reqs = [request(p, method, budget, seed + i) for i, p in enumerate(problems)]
+               progress: tqdm | None = None, temperature: float = DEMO_TEMPERATURE) -> Row:
+    reqs = [request(p, method, budget, seed + i, temperature) for i, p in enumerate(problems)]
     start = time.perf_counter()
     ids = [engine.add_request(r) for r in reqs]
     results: dict[int, PFResult] = {}
@@ -83,13 +84,13 @@ def run_method(engine: Engine, problems: list[Problem], method: str, budget: int
 
 
 def evaluate(engine: Engine, problems: list[Problem], budgets: tuple[int, ...] = (4, 8, 16),
-             methods: tuple[str, ...] = METHODS, seed: int = 0) -> list[Row]:
+             methods: tuple[str, ...] = METHODS, seed: int = 0, temperature: float = DEMO_TEMPERATURE) -> list[Row]:
     runs = [("greedy", 1)] + [(m, b) for b in budgets for m in methods]
     rows = []
     with tqdm(total=len(runs) * len(problems), desc="evaluating", unit="problem") as bar:
         for method, budget in runs:
             bar.set_postfix_str(f"{LABELS[method]} @ {budget}")
-            rows.append(run_method(engine, problems, method, budget, seed, bar))
+            rows.append(run_method(engine, problems, method, budget, seed, bar, temperature))
     return rows
 
 
@@ -136,20 +137,22 @@ def write_report(rows: list[Row], out: Path) -> None:
     plot(rows, out / "accuracy_vs_budget.png")
 
 
-def hard_problem(engine: Engine, problems: list[Problem], budget: int = 8, seed: int = 0) -> Problem:
+def hard_problem(engine: Engine, problems: list[Problem], budget: int = 8, seed: int = 0,
+                 temperature: float = DEMO_TEMPERATURE) -> Problem:
     """A problem worth tracing: the first one greedy decoding gets wrong on which PF resamples at
     least once (else the first one greedy gets wrong, else the first one)."""
     greedy = engine.generate([request(p, "greedy", 1, seed) for p in problems])
     wrong = [p for p, r in zip(problems, greedy) if not is_correct(p, r)]
-    runs = engine.generate([request(p, "particle_filter", budget, seed) for p in wrong])
+    runs = engine.generate([request(p, "particle_filter", budget, seed, temperature) for p in wrong])
     resampled = (p for p, r in zip(wrong, runs) if any(tr.ancestors is not None for tr in r.trace))
     return next(resampled, wrong[0] if wrong else problems[0])
 
 
-def trace_one(engine: Engine, problem: Problem, budget: int = 8, seed: int = 0) -> PFResult:
+def trace_one(engine: Engine, problem: Problem, budget: int = 8, seed: int = 0,
+              temperature: float = DEMO_TEMPERATURE) -> PFResult:
     """One PF run, round by round: each particle's newest step, its score and weight, and which
     particles the next round's particles were forked from."""
-    result = engine.generate([request(problem, "particle_filter", budget, seed)])[0]
+    result = engine.generate([request(problem, "particle_filter", budget, seed, temperature)])[0]
     decode = engine.detokenize
     print(f"Problem: {problem.text}   (answer {problem.answer})\n")
     for k, tr in enumerate(result.trace):

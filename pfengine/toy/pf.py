@@ -11,6 +11,11 @@ POLICY = CHECKPOINTS / "policy"
 VALUE_HEAD = POLICY / "value_head.safetensors"
 PRM = CHECKPOINTS / "prm"
 
+DEMO_TEMPERATURE = 0.5
+"""Policy sampling temperature of the demo's sampled methods. At 0.8 the policy's samples are right
+62 % of the time against 70.5 % for greedy decoding, and this toy PRM's top score picks a wrong
+sample too often for best-of-16 to beat greedy; from 0.3 to 0.5 it does (README, toy demo)."""
+
 MAX_STEPS = 10
 """A solution has at most 7 steps (6 operations + the answer)."""
 MAX_STEP_TOKENS = 32
