@@ -212,9 +212,17 @@ def test_request_that_outgrows_the_cache_fails_alone(client, base_url, engine):
     assert client.completions.create(model=MODEL, prompt="Step 1:", max_tokens=3, seed=0).choices[0].text
 
 
-def test_client_disconnect_frees_the_blocks(base_url, engine):
+def test_client_disconnect_frees_the_blocks(base_url, engine, monkeypatch):
     """A client that goes away (mid-stream, or waiting for a plain response) has its request aborted
-    long before it would have finished, and its blocks freed."""
+    long before it would have finished, and its blocks freed. Every engine step is made to take at
+    least 5 ms, so a request runs for seconds however fast the kernels are on this machine."""
+    step = engine.step
+
+    def slow_step():
+        time.sleep(0.005)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
     long = {"method": "self_consistency", "particles": 8, "max_steps": 40, "max_step_tokens": 16, "stop_on_eos": False}
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 640, "seed": 1, "stream": True, "search": long}
     full = 8 * 640
