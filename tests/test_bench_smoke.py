@@ -1,5 +1,6 @@
-"""The benchmark harness on a tiny configuration: pfengine, its_hub-style PF and transformers PF do
-the same work, and pfengine forwards every token once (recompute ratio 1.00). vLLM is not run here."""
+"""The benchmark harness on a tiny configuration: pfengine, its_hub-style PF, transformers PF and (when
+llama-cpp-python is installed) llama.cpp do the same work, and pfengine forwards every token once
+(recompute ratio 1.00). vLLM is not run here."""
 import json
 
 import pytest
@@ -16,8 +17,12 @@ def test_bench_harness_same_work_and_pfengine_recompute_is_one(tmp_path):
         "--model-cache", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--tag", "smoke"])
     result = run(args)
     recs = result["records"]
-    assert set(recs) == {"pfengine", "pfengine-head", "its_hub", "transformers"}
-    assert "llama.cpp" in result["skipped"]
+    peers = {"pfengine", "pfengine-head", "its_hub", "transformers"}
+    if _llama_cpp_ready():  # seq_cp forks: each ancestor's prefix is shared, never fed again
+        assert set(recs) == peers | {"llama.cpp"}
+        assert recs["llama.cpp"]["4"]["policy_recompute"] < 1.1 and recs["llama.cpp"]["4"]["prm_recompute"] < 1.1
+    else:
+        assert set(recs) == peers and "llama.cpp" in result["skipped"]
     expected = 2 * 4 * 2 * 4
     for name, per_n in recs.items():
         r = per_n["4"]
@@ -32,3 +37,13 @@ def test_bench_harness_same_work_and_pfengine_recompute_is_one(tmp_path):
     saved = json.loads((tmp_path / "out" / "smoke.json").read_text())
     assert saved["records"]["pfengine"]["4"]["policy_tokens"] == recs["pfengine"]["4"]["policy_tokens"]
     assert "| pfengine" in (tmp_path / "out" / "smoke.md").read_text()
+
+
+def _llama_cpp_ready() -> bool:
+    from bench.llamacpp_pf import Unavailable, check
+
+    try:
+        check()
+    except Unavailable:
+        return False
+    return True
