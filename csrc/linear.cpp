@@ -13,7 +13,7 @@
 // broadcast per row and k. Small batches stream each weight once from memory.
 //
 // One code path: AVX-512F, compiled per function and picked at run time; without it the caller
-// (pfengine/batch_invariant.py) keeps the torch path.
+// (pfengine/kernels/linear.py) keeps the torch path.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -106,7 +106,7 @@ void packed_linear(const LinearArgs& a) {
 
 bool cpu_has_avx512() { return false; }
 
-void packed_linear(const LinearArgs&) {}
+void packed_linear(const LinearArgs&) {}  // unreachable: the binding checks cpu_has_avx512() first
 
 #endif  // PF_AVX512
 
