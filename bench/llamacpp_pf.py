@@ -151,6 +151,7 @@ class Context:
         self.L.llama_memory_clear(self.mem, True)
         self.held.clear()
         self.bank = 0
+        self.fed = 0
 
     def place(self, prefixes: list[tuple[int, ...]]) -> list[int]:
         """Sequence ids (in the other bank) holding exactly ``prefixes[k]`` in the cache: copied from
@@ -271,7 +272,6 @@ class LlamaCppPF:
     def run(self, wl: Workload, prompt_ids: list[list[int]], seed: int) -> dict:
         for c in (self.policy, self.prm):
             c.reset()
-            c.fed = 0
         self.counts.clear()
         rng = np.random.default_rng(seed)
         phases: dict[str, float] = {}

@@ -52,7 +52,7 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
 def vocab_projection(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     """``x @ weight.T`` for a wide ``weight`` (the LM head, ``[vocab, H]``)."""
     if weight.packed is not None:
-        return cpp_ops().packed_linear(x, weight.packed, weight.out_features)
+        return linear(x, weight)
     return vocab_projection_ref(x, weight.tensor)
 
 

@@ -2,6 +2,8 @@
 tokens per sequence on top of cached context (extend: prompt prefill, the PRM's step extends)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -65,23 +67,42 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return out.reshape(n, hq, d).to(q.dtype)
 
 
-def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, cu_q: list[int], context_lens: torch.Tensor,
-                           scale: float) -> torch.Tensor:
-    """Causal attention of sequence ``s``'s new tokens ``q[cu_q[s]:cu_q[s+1]]`` (their K/V already
-    stored) over its first ``context_lens[s]`` cached tokens through ``block_tables[s]``. Keys and
-    values are read from the cache, as later decode steps read them (so a bf16 cache rounds alike).
+@dataclass
+class ExtendPlan:
+    """An extend batch's attention inputs, built once per forward by :func:`plan_extend` and used by
+    every layer: one decode row per new token (Triton and C++ paths), or per-sequence tables for the
+    torch reference."""
 
-    On the Triton and C++ paths every new token becomes a decode row of its own that reads its
-    sequence's blocks up to its own position: no gather copy of the context, one launch for the whole
-    batch, and a token's result is independent of the batch. Else the torch reference."""
-    if use_triton(q) or use_cpp(q):
-        n = torch.tensor([hi - lo for lo, hi in zip(cu_q[:-1], cu_q[1:])], device=q.device)
-        seq = torch.repeat_interleave(torch.arange(len(n), device=q.device), n)
-        index = torch.arange(q.shape[0], device=q.device) - torch.tensor(cu_q[:-1], device=q.device)[seq]
-        lens = context_lens.to(q.device)[seq] - n[seq] + index + 1
-        return paged_decode_attention(q, k_cache, v_cache, block_tables[seq], lens, scale)
-    return paged_extend_attention_ref(q, k_cache, v_cache, block_tables, cu_q, context_lens, scale)
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    cu_q: list[int]
+    as_rows: bool
+
+
+def plan_extend(block_tables: torch.Tensor, cu_q: list[int], context_lens: torch.Tensor) -> ExtendPlan:
+    """Sequence ``s`` has new tokens ``cu_q[s]:cu_q[s+1]`` (their K/V already stored) on top of its
+    cache, ``context_lens[s]`` tokens in all, through ``block_tables[s]``. On the Triton and C++ paths
+    every new token becomes a decode row of its own that reads its sequence's blocks up to its own
+    position: no gather copy of the context, one launch for the whole batch, and a token's result is
+    independent of the batch."""
+    if not (use_triton(block_tables) or use_cpp(block_tables)):
+        return ExtendPlan(block_tables, context_lens, cu_q, as_rows=False)
+    dev = block_tables.device
+    n = torch.tensor([hi - lo for lo, hi in zip(cu_q[:-1], cu_q[1:])], device=dev)
+    seq = torch.repeat_interleave(torch.arange(len(n), device=dev), n)
+    index = torch.arange(cu_q[-1], device=dev) - torch.tensor(cu_q[:-1], device=dev)[seq]
+    lens = context_lens.to(dev)[seq] - n[seq] + index + 1
+    return ExtendPlan(block_tables[seq], lens, cu_q, as_rows=True)
+
+
+def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: ExtendPlan,
+                           scale: float) -> torch.Tensor:
+    """Causal attention of every sequence's new tokens ``q`` over its cache as :func:`plan_extend`
+    laid it out. Keys and values are read from the cache, as later decode steps read them (so a bf16
+    cache rounds alike)."""
+    if plan.as_rows:
+        return paged_decode_attention(q, k_cache, v_cache, plan.block_tables, plan.context_lens, scale)
+    return paged_extend_attention_ref(q, k_cache, v_cache, plan.block_tables, plan.cu_q, plan.context_lens, scale)
 
 
 def paged_extend_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

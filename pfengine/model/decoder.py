@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pfengine.kernels.kv_store import store_kv
 from pfengine.kernels.linear import Weight, linear, prepare, vocab_projection
-from pfengine.kernels.paged_attention import paged_decode_attention, paged_extend_attention
+from pfengine.kernels.paged_attention import ExtendPlan, paged_decode_attention, paged_extend_attention, plan_extend
 from pfengine.kernels.prm_score import PRMHead
 from pfengine.model.checkpoint import ModelConfig, expected_shapes, load_tensors, read_config
 from pfengine.model.rope import apply_rope, rope_table
@@ -92,8 +92,11 @@ class PagedDecoder:
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         x = self.embed[batch.tokens]
         cos_sin = self.rope[batch.positions]
+        tables = self.tables[batch.rows]
+        plan = None if batch.is_decode else plan_extend(tables, batch.cu_q, batch.context_lens)
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(i, layer, _rms_norm(x, layer.attn_norm, self.cfg.rms_norm_eps), cos_sin, batch)
+            h = _rms_norm(x, layer.attn_norm, self.cfg.rms_norm_eps)
+            x = x + self._attention(i, layer, h, cos_sin, batch, tables, plan)
             h = _rms_norm(x, layer.mlp_norm, self.cfg.rms_norm_eps)
             gate, up = linear(h, layer.gate_up_w).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, layer.down_w)
@@ -103,7 +106,9 @@ class PagedDecoder:
         assert self.unembed is not None, "a PRM checkpoint has no language-model head"
         return vocab_projection(hidden, self.unembed)
 
-    def _attention(self, i: int, layer: Layer, x: torch.Tensor, cos_sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def _attention(self, i: int, layer: Layer, x: torch.Tensor, cos_sin: torch.Tensor, batch: ForwardBatch,
+                   tables: torch.Tensor, plan: ExtendPlan | None) -> torch.Tensor:
+        """``tables``: the batch's block-table rows; ``plan``: an extend's layout (None for decode)."""
         c = self.cfg
         qkv = linear(x, layer.qkv_w, layer.qkv_b)
         q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1)
@@ -113,14 +118,14 @@ class PagedDecoder:
         k_cache, v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         store_kv(k, v, k_cache, v_cache, batch.slots)
         scale = c.head_dim ** -0.5
-        if batch.is_decode:
-            out = paged_decode_attention(q, k_cache, v_cache, self.tables[batch.rows], batch.context_lens, scale)
+        if plan is None:
+            out = paged_decode_attention(q, k_cache, v_cache, tables, batch.context_lens, scale)
         else:
-            out = self._extend_attention(q, k, v, k_cache, v_cache, batch, scale)
+            out = self._extend_attention(q, k, v, k_cache, v_cache, batch, plan, scale)
         return linear(out.reshape(q.shape[0], -1), layer.o_w)
 
     def _extend_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                          v_cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
+                          v_cache: torch.Tensor, batch: ForwardBatch, plan: ExtendPlan, scale: float) -> torch.Tensor:
         """Several new tokens per sequence on top of (possibly) cached context; one flash-attn varlen
         call when every sequence is a fresh prompt on CUDA."""
         lens = [hi - lo for lo, hi in zip(batch.cu_q[:-1], batch.cu_q[1:])]
@@ -130,8 +135,7 @@ class PagedDecoder:
             out = self.flash(q.to(half), k.to(half), v.to(half), cu, cu, max(lens), max(lens),
                              softmax_scale=scale, causal=True)
             return out.to(q.dtype)
-        return paged_extend_attention(q, k_cache, v_cache, self.tables[batch.rows], batch.cu_q, batch.context_lens,
-                                      scale)
+        return paged_extend_attention(q, k_cache, v_cache, plan, scale)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
