@@ -5,7 +5,7 @@ queue. Requests submitted at any time join the running decode batch at the next 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import AsyncIterator
 
 from pfengine.config import Request
@@ -24,7 +24,12 @@ class AsyncEngine:
         """Events of one request as its rounds finish; the last carries the result. Leaving the
         iteration early (a client disconnect) aborts the request and frees its blocks."""
         loop = asyncio.get_running_loop()
-        rid = await loop.run_in_executor(self._worker, self.engine.add_request, request)  # bad input raises here
+        added = self._worker.submit(self.engine.add_request, request)
+        try:
+            rid = await asyncio.wrap_future(added)  # bad input raises here
+        except asyncio.CancelledError:  # the client left before the request was queued: drop it once it is
+            self._worker.submit(self._abort_added, added)
+            raise
         queue: asyncio.Queue[Event] = asyncio.Queue()
         self._queues[rid] = queue
         if self._task is None or self._task.done():
@@ -42,6 +47,11 @@ class AsyncEngine:
             self._queues.pop(rid, None)
             if not finished:
                 self._worker.submit(self.engine.abort, rid)  # between two steps, off the event loop
+
+    def _abort_added(self, added: Future[int]) -> None:
+        """Runs on the worker after ``added`` (the worker is FIFO), so the request id is known by now."""
+        if not added.cancelled() and added.exception() is None:
+            self.engine.abort(added.result())
 
     async def agenerate(self, request: Request) -> PFResult:
         async for event in self.astream(request):

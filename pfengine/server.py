@@ -53,6 +53,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from pfengine.async_engine import AsyncEngine
 from pfengine.cache import OutOfBlocks
@@ -426,6 +427,18 @@ async def _run_all(aengine: AsyncEngine, http: HTTPRequest, jobs: list[Job]) -> 
         raise
 
 
+class _ClosingStreamingResponse(StreamingResponse):
+    """Closes its body generator however the response ends. Starlette leaves it suspended when a
+    disconnect cancels the send of a chunk, and then only garbage collection would run its cleanup
+    (the abort of the engine request)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 async def _stream(engine: Engine, aengine: AsyncEngine, http: HTTPRequest, job: Job, name: str, chat: bool,
                   include_usage: bool) -> StreamingResponse:
     events = aengine.astream(job.request)
@@ -434,8 +447,8 @@ async def _stream(engine: Engine, aengine: AsyncEngine, http: HTTPRequest, job: 
     if first.done() and first.exception() is not None:
         await events.aclose()
         raise _engine_error(first.exception())
-    return StreamingResponse(_sse(engine, events, first, job, name, chat, include_usage),
-                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _ClosingStreamingResponse(_sse(engine, events, first, job, name, chat, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def _sse(engine: Engine, events: AsyncIterator[Event], first: asyncio.Future, job: Job, name: str, chat: bool,

@@ -1,5 +1,6 @@
 """Concurrent clients on one engine: continuous batching, isolation, streaming, disconnects."""
 import asyncio
+import threading
 
 import pytest
 
@@ -60,6 +61,33 @@ def test_client_disconnect_frees_blocks(engine):
         return first
 
     assert asyncio.run(main()).trace is not None
+    assert not engine.has_work
+    assert engine.stats()["policy_blocks_in_use"] == 0
+
+
+def test_client_that_leaves_while_its_request_is_being_queued(engine, monkeypatch):
+    """Cancelled while add_request runs on the worker: the request still gets queued, and must then
+    be aborted rather than left to run with nobody listening."""
+    gate = threading.Event()
+    add = engine.add_request
+
+    def slow_add(r: Request) -> int:
+        gate.wait(5)
+        return add(r)
+
+    monkeypatch.setattr(engine, "add_request", slow_add)
+
+    async def main():
+        aengine = AsyncEngine(engine)
+        pending = asyncio.ensure_future(aengine.astream(request(4, 8)).__anext__())
+        await asyncio.sleep(0.05)  # the worker is inside add_request now
+        pending.cancel()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        await aengine.flush()
+
+    asyncio.run(main())
     assert not engine.has_work
     assert engine.stats()["policy_blocks_in_use"] == 0
 
