@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import Qwen2ForCausalLM
 
 from pfengine import Engine, EngineConfig
 from pfengine.toy import train
@@ -12,6 +13,7 @@ from pfengine.toy.modeling import StepCutter
 from pfengine.toy.pf import pf_request
 from pfengine.toy.prm_eval import auroc
 from pfengine.toy.task import heldout_set
+from pfengine.toy.tokenizer import build_tokenizer
 
 
 def run_tiny(out) -> None:
@@ -99,3 +101,22 @@ def test_auroc_matches_pairwise_definition():
     pos, neg = s[y], s[~y]
     pairs = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
     assert auroc(s, y) == pytest.approx(pairs)
+
+
+def test_prm_keeps_the_frozen_bottom_of_the_teacher():
+    """The embeddings and the bottom ``prm_frozen_layers`` layers leave training exactly as the
+    teacher had them; every layer above (the teacher's and the new ones) and the final norm learn."""
+    tokenizer = build_tokenizer(seed=0)
+    b = train.BUDGETS["tiny"]
+    torch.manual_seed(0)
+    teacher = Qwen2ForCausalLM(train.qwen2_config(b.policy, tokenizer)).eval()
+    stream = train.SlipStream(tokenizer, seed=0)
+    backbone, _ = train.train_prm(teacher, tokenizer, [next(stream) for _ in range(8)], b, seed=0)
+    before = teacher.model.state_dict()
+    for name, value in backbone.state_dict().items():
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+        frozen = name.startswith("embed_tokens") or (layer is not None and layer < b.prm_frozen_layers)
+        if frozen:
+            assert torch.equal(value, before[name]), name
+        elif name in before:
+            assert not torch.equal(value, before[name]), name

@@ -1,6 +1,6 @@
 """Train the bundled toy policy, its value head and a separate PRM on the arithmetic task.
 
-    python -m pfengine.toy.train --out DIR [--budget full|tiny] [--seed 0] [--threads 2]
+    python -m pfengine.toy.train --out DIR [--budget full|fast|tiny] [--seed 0] [--threads 2]
 
 Writes ``DIR/policy`` (Qwen2ForCausalLM + tokenizer + ``value_head.safetensors``), ``DIR/prm``
 (Qwen2ForProcessRewardModel layout, same tokenizer) and ``DIR/report.json`` (timings, held-out
@@ -15,7 +15,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -78,6 +78,8 @@ class Budget:
     """The PRM starts from the policy trained this many more steps (a stronger "teacher")."""
     prm_extra_layers: int
     """... deepened by this many layers on top (see :func:`deepened`)."""
+    prm_frozen_layers: int
+    """The embeddings and this many bottom layers keep the teacher's weights: backward stops above them."""
     prm_steps: int
     prm_batch: int
     prm_lr: float
@@ -96,14 +98,16 @@ BUDGETS = {
     "full": Budget(policy=LMSize(128, 4, 4, 2, 512), max_steps=3600, decay_when=0.6, decay_steps=0,
                    check_every=50, policy_batch=16, policy_lr=2e-3,
                    label_problems=1500, label_k=8, head_epochs=30, teacher_steps=800, prm_extra_layers=2,
-                   prm_steps=2400, prm_batch=32, prm_lr=2e-4, prm_new_lr=1e-3,
+                   prm_frozen_layers=0, prm_steps=2400, prm_batch=32, prm_lr=2e-4, prm_new_lr=1e-3,
                    eval_problems=400, eval_k=4),
     "tiny": Budget(policy=LMSize(32, 2, 4, 2, 64), max_steps=6, decay_when=1.0, decay_steps=4,
                    check_from=3, check_every=3, valid_problems=4, policy_batch=8, policy_lr=3e-3,
                    label_problems=8, label_k=2, head_epochs=2, teacher_steps=2, prm_extra_layers=1,
-                   prm_steps=4, prm_batch=8, prm_lr=3e-3, prm_new_lr=3e-3,
+                   prm_frozen_layers=1, prm_steps=4, prm_batch=8, prm_lr=3e-3, prm_new_lr=3e-3,
                    eval_problems=8, eval_k=2, warmup=2),
 }
+# Under 20 minutes here, for a weaker PRM than "full" (what the bundled checkpoints come from); see the README.
+BUDGETS["fast"] = replace(BUDGETS["full"], prm_frozen_layers=2, prm_steps=1800)
 SAMPLE_TEMPERATURE = 0.8
 MAX_NEW_TOKENS = 128
 MAX_STEP_TOKENS = 32
@@ -320,9 +324,12 @@ def train_prm(teacher: Qwen2ForCausalLM, tokenizer, samples: list[Sampled], b: B
     backbone.train()
     head = Head(teacher.config.hidden_size)
     first_new = teacher.config.num_hidden_layers
-    new = [p for n, p in backbone.named_parameters() if n.startswith("layers.") and int(n.split(".")[1]) >= first_new]
-    new_ids = {id(p) for p in new}
-    old = [p for p in backbone.parameters() if id(p) not in new_ids]
+    new, old = [], []
+    for n, p in backbone.named_parameters():
+        depth = int(n.split(".")[1]) if n.startswith("layers.") else 0 if n.startswith("embed_tokens") else first_new
+        p.requires_grad_(depth >= b.prm_frozen_layers)
+        if p.requires_grad:
+            (new if n.startswith("layers.") and depth >= first_new else old).append(p)
     opt = torch.optim.AdamW([{"params": old, "lr": b.prm_lr}, {"params": new, "lr": b.prm_new_lr},
                              {"params": head.parameters(), "lr": 3 * b.prm_new_lr}], weight_decay=0.01)
     base = [g["lr"] for g in opt.param_groups]
