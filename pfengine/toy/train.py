@@ -107,7 +107,7 @@ BUDGETS = {
                    eval_problems=8, eval_k=2, warmup=2),
 }
 # Under 20 minutes here, for a weaker PRM than "full" (what the bundled checkpoints come from); see the README.
-BUDGETS["fast"] = replace(BUDGETS["full"], prm_frozen_layers=2, prm_steps=1800)
+BUDGETS["fast"] = replace(BUDGETS["full"], prm_frozen_layers=3, prm_steps=2100)
 SAMPLE_TEMPERATURE = 0.8
 MAX_NEW_TOKENS = 128
 MAX_STEP_TOKENS = 32
