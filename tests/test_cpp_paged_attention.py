@@ -7,7 +7,7 @@ from kernel_cases import (ATTENTION_CASES, EXTEND_CASES, attention_case, check_a
                           check_attention_single_token_and_empty, check_extend_attention)
 from pfengine.kernels import paged_attention as pa
 from pfengine.kernels.paged_attention import (
-    paged_decode_attention, paged_decode_attention_cpp, paged_decode_attention_ref, paged_extend_attention, plan_extend)
+    paged_decode_attention, paged_decode_attention_cpp, paged_decode_attention_ref)
 
 pytestmark = pytest.mark.cpp
 
@@ -134,7 +134,4 @@ def test_dispatch_takes_cpp_on_cpu_and_the_reference_with_pfengine_cpp_0(monkeyp
 @pytest.mark.parametrize("case", EXTEND_CASES)
 def test_extend_runs_every_new_token_as_a_decode_row(isa, case):
     """Prefill / PRM extends: each new token attends causally over its sequence's blocks."""
-    def extend(q, kc, vc, tables, cu_q, ctx, scale):
-        return paged_extend_attention(q, kc, vc, plan_extend(tables, cu_q, ctx), scale)
-
-    check_extend_attention(extend, *case)
+    check_extend_attention(*case)

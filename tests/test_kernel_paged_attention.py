@@ -7,8 +7,7 @@ import torch
 from kernel_cases import (ATTENTION_CASES, EXTEND_CASES, attention_case, check_attention,
                           check_attention_single_token_and_empty, check_extend_attention)
 from pfengine.kernels.paged_attention import (
-    choose_num_splits, paged_decode_attention, paged_decode_attention_ref, paged_decode_attention_triton,
-    paged_extend_attention, plan_extend)
+    choose_num_splits, paged_decode_attention, paged_decode_attention_ref, paged_decode_attention_triton)
 
 pytest.importorskip("triton")
 
@@ -62,7 +61,4 @@ def test_strided_query_and_profiler_ranges():
 @pytest.mark.parametrize("case", EXTEND_CASES)
 def test_extend_runs_every_new_token_as_a_decode_row(case):
     """Prefill / PRM extends: each new token attends causally over its sequence's blocks."""
-    def extend(q, kc, vc, tables, cu_q, ctx, scale):
-        return paged_extend_attention(q, kc, vc, plan_extend(tables, cu_q, ctx), scale)
-
-    check_extend_attention(extend, *case)
+    check_extend_attention(*case)
