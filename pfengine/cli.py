@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "several budgets on held-out problems (accuracy with 95% intervals, tokens/s, "
                                       "wall time), written as Markdown, JSON and a PNG plot. Without bundled "
                                       f"checkpoints it falls back to a random-weight model in {DEMO_DIR}.")
-    demo.add_argument("--problems", type=int, default=100,
-                      help="held-out problems to evaluate (default 100; the README's table uses 200)")
+    demo.add_argument("--problems", type=int, default=200,
+                      help="held-out problems to evaluate (default 200, the README's table)")
     demo.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16],
                       help="budgets (particles / samples / beams) to compare (default 4 8 16)")
     demo.add_argument("--prm-kind", choices=["value_head", "model"], default="model",
