@@ -314,6 +314,14 @@ def deepened(model: Qwen2ForCausalLM, extra: int) -> Qwen2Model:
     return backbone
 
 
+def _depth(name: str, top: int) -> int:
+    """Where a backbone parameter sits, for freezing from the bottom: 0 for the embeddings, a layer's
+    index, ``top`` (above every layer) for the final norm."""
+    if name.startswith("layers."):
+        return int(name.split(".")[1])
+    return 0 if name.startswith("embed_tokens") else top
+
+
 def train_prm(teacher: Qwen2ForCausalLM, tokenizer, samples: list[Sampled], b: Budget, seed: int
               ) -> tuple[Qwen2Model, Head]:
     """Fine-tune the deepened teacher backbone plus a fresh head on the engine's ``model`` layout
@@ -327,7 +335,7 @@ def train_prm(teacher: Qwen2ForCausalLM, tokenizer, samples: list[Sampled], b: B
     first_new = teacher.config.num_hidden_layers
     new, old = [], []
     for n, p in backbone.named_parameters():
-        depth = int(n.split(".")[1]) if n.startswith("layers.") else 0 if n.startswith("embed_tokens") else first_new
+        depth = _depth(n, first_new)
         p.requires_grad_(depth >= b.prm_frozen_layers)
         if p.requires_grad:
             (new if n.startswith("layers.") and depth >= first_new else old).append(p)
