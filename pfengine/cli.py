@@ -1,4 +1,4 @@
-"""The ``pfengine`` command: ``demo``, ``generate``, ``serve``, ``bench`` and ``profile``.
+"""The ``pfengine`` command: ``demo``, ``generate``, ``serve``, ``bench``, ``profile`` and ``distill``.
 
 Heavy imports (the engine, transformers, uvicorn, the profiler) happen inside the subcommands, so
 ``pfengine --help`` is quick."""
@@ -26,6 +26,7 @@ DEMO_DIR = Path(".cache/demo-model")
 FIXED_STEP_DELIMITER = "\x00\x00pfbench:no-step-delimiter\x00\x00"
 """With ``--fixed-steps``: a delimiter no model emits, so every step is exactly --max-step-tokens long."""
 DEMO_PROMPT = "Step 1: add 17 and 25."
+SCALING_RESULTS = "bench/results/toy-scaling/"
 
 PROFILE_SORTS = {"self_cpu_time_total": lambda e: e.self_cpu_time_total,
                  "cpu_time_total": lambda e: e.cpu_time_total, "count": lambda e: e.count}
@@ -134,11 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       f"checkpoints it falls back to a random-weight model in {DEMO_DIR}.")
     demo.add_argument("--problems", type=int, default=200,
                       help="held-out problems to evaluate (default 200, the README's table)")
-    demo.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16],
-                      help="budgets (particles / samples / beams) to compare (default 4 8 16)")
-    demo.add_argument("--prm-kind", choices=["value_head", "model"], default="model",
-                      help="the toy PRM to use: the separate PRM model (default; the better judge on held-out "
-                           "steps) or the value head on the policy")
+    demo.add_argument("--budgets", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                      help="budgets (particles / samples / beams) to compare (default 1 2 4 8 16; the full sweep to "
+                           "64 is `python -m pfengine.toy.evaluate`)")
+    demo.add_argument("--prm-kind", choices=["model", "distilled", "value_head"], default="model",
+                      help="the toy PRM to use: the separate PRM model (default; the best judge of a step), the "
+                           "value head distilled from it (no PRM forward), or the value head trained on step labels")
     demo.add_argument("--out", default="out/demo", help="where the table (results.md / .json) and plot go")
     demo.add_argument("--no-eval", action="store_true", help="only the traced run, no evaluation")
     _add_request_options(demo, temperature=DEMO_TEMPERATURE)
@@ -209,7 +211,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "benchmark's workload")
     _add_request_options(prof, max_steps=4, max_step_tokens=16)
     _add_output_options(prof)
+    _add_distill_parser(sub)
     return parser
+
+
+def _add_distill_parser(sub) -> None:
+    d = sub.add_parser("distill", help="train the policy's value head from a separate PRM's scores on PF traces",
+                       description="Run particle filtering with a separate PRM on training prompts and fit the "
+                                   "policy's value head to the PRM's step scores on every state the filter visited, "
+                                   "so PF can run with the head alone (EngineConfig(prm=HEAD.safetensors)). Default: "
+                                   "the bundled toy policy and PRM on toy training problems.")
+    d.add_argument("--model", metavar="DIR", help="policy checkpoint directory (default: the bundled toy policy)")
+    d.add_argument("--prm", metavar="DIR", help="separate PRM directory (default: the bundled toy PRM)")
+    d.add_argument("--out", required=True, metavar="FILE.safetensors", help="where the value head is written")
+    src = d.add_mutually_exclusive_group()
+    src.add_argument("--problems", type=int, default=256,
+                     help="toy training problems to trace (default 256; with the bundled toy model)")
+    src.add_argument("--data", metavar="FILE.jsonl", help="prompts: JSON lines with a 'problem' field")
+    d.add_argument("--particles", type=int, default=16, help="PF particles per prompt (default 16)")
+    d.add_argument("--aggregation", default="last", choices=["last", "model"],
+                   help="aggregation of the traced PF: last for a PRM that judges single steps (used under min / "
+                        "prod / last), model for one that judges the whole prefix (default last)")
+    d.add_argument("--temperature", type=float, default=0.8, help="policy sampling temperature (default 0.8)")
+    d.add_argument("--max-steps", type=int, default=None, help="steps per particle (default: the toy's, else 40)")
+    d.add_argument("--max-step-tokens", type=int, default=None,
+                   help="tokens per step (default: the toy's, else 256)")
+    d.add_argument("--epochs", type=int, default=20, help="passes over the recorded states (default 20)")
+    d.add_argument("--seed", type=int, default=0, help="request seeds and head initialisation (default 0)")
+    d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"demo": cmd_demo, "generate": cmd_generate, "serve": cmd_serve, "bench": cmd_bench,
-                "profile": cmd_profile}[args.command](args)
+                "profile": cmd_profile, "distill": cmd_distill}[args.command](args)
     except (ValueError, TypeError, CheckpointError) as e:
         print(f"pfengine {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -310,7 +339,7 @@ def default_checkpoint(quiet: bool = False) -> tuple[str, str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pfengine.toy.pf import POLICY, PRM, VALUE_HEAD, is_bundled
+    from pfengine.toy.pf import DISTILLED_HEAD, POLICY, PRM, VALUE_HEAD, is_bundled
 
     if not is_bundled():
         args.model, args.prm = None, None
@@ -320,7 +349,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pfengine.toy import evaluate
     from pfengine.toy.task import heldout_set
 
-    prm = VALUE_HEAD if args.prm_kind == "value_head" else PRM
+    prm = {"model": PRM, "distilled": DISTILLED_HEAD, "value_head": VALUE_HEAD}[args.prm_kind]
     print(f"Model: {POLICY} (bundled toy policy) + PRM {prm}\n")
     engine = Engine(EngineConfig(model=str(POLICY), prm=str(prm), num_blocks=8192, max_particles=4096))
     problems = heldout_set(max(args.problems, 1))
@@ -335,6 +364,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     evaluate.write_report(rows, out)
     print(evaluate.markdown(rows))
     print(f"\nWrote {out / 'results.md'}, {out / 'results.json'} and {out / 'accuracy_vs_budget.png'}")
+    print(f"The full sweep (budgets 1-64, 500 problems) and the PRM-cost Pareto plot: {SCALING_RESULTS} "
+          "(`python -m pfengine.toy.evaluate [--pareto]`)")
     return 0
 
 
@@ -433,6 +464,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"  policy forwarded {forwarded} tokens: {report['policy_tokens_forwarded_per_s']:.0f} tok/s "
           f"(shared prefixes are forwarded once), preemptions {report['preemptions']}")
     return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from pfengine.distill import run_command
+
+    return run_command(args)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
