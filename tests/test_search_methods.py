@@ -204,11 +204,11 @@ def test_math_shepherd_prm_matches_from_scratch(policy_dir, tmp_path):
 
 
 def test_bad_search_params():
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match="method: must be one of"):
         SearchParams(method="mcts")
-    with pytest.raises(ValueError, match="multiple of beam_width"):
+    with pytest.raises(ValueError, match="multiple of SearchParams.beam_width"):
         SearchParams(method="beam_search", n_particles=6, beam_width=4)
-    with pytest.raises(ValueError, match="multiple of iterations"):
+    with pytest.raises(ValueError, match="multiple of SearchParams.iterations"):
         SearchParams(method="particle_gibbs", n_particles=6, iterations=4)
     with pytest.raises(ValueError, match="ess_threshold"):
         SearchParams(ess_threshold=1.5)
