@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+import os
 import statistics
 import sys
 import time
@@ -14,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pfengine.config import AGGREGATIONS, KV_DTYPES, METHODS, RESAMPLING, SELECTIONS
+from pfengine.config import AGGREGATIONS, KV_DTYPES, METHODS, RESAMPLING, SELECTIONS, EngineConfig, InvalidArgument
 from pfengine.toy.pf import DEMO_TEMPERATURE
 
 if TYPE_CHECKING:
@@ -26,6 +27,10 @@ DEMO_DIR = Path(".cache/demo-model")
 FIXED_STEP_DELIMITER = "\x00\x00pfbench:no-step-delimiter\x00\x00"
 """With ``--fixed-steps``: a delimiter no model emits, so every step is exactly --max-step-tokens long."""
 DEMO_PROMPT = "Step 1: add 17 and 25."
+
+FLAGS = {"n_particles": "--particles"}
+LIMITS = ("max_request_particles", "max_iterations", "max_request_tokens", "max_prompt_chars", "max_overtakes")
+"""API option -> flag where the flag is not the option's name with dashes."""
 
 PROFILE_SORTS = {"self_cpu_time_total": lambda e: e.self_cpu_time_total,
                  "cpu_time_total": lambda e: e.cpu_time_total, "count": lambda e: e.count}
@@ -69,6 +74,21 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="cache rows: the most particles of all requests alive at once (default 1024)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="cap on prompt + generated tokens (default: the model's max_position_embeddings)")
+    d = EngineConfig.__dataclass_fields__
+    lim = p.add_argument_group("per-request limits (a request over one is refused, naming the limit)")
+    lim.add_argument("--max-request-particles", type=int, default=d["max_request_particles"].default,
+                     help="largest budget (particles, all particle Gibbs sweeps together) one request may ask "
+                          "for (default %(default)s)")
+    lim.add_argument("--max-iterations", type=int, default=d["max_iterations"].default,
+                     help="most particle Gibbs sweeps one request may ask for (default %(default)s)")
+    lim.add_argument("--max-request-tokens", type=int, default=d["max_request_tokens"].default,
+                     help="most tokens one request may generate: particles x the per-particle cap "
+                          "(default %(default)s)")
+    lim.add_argument("--max-prompt-chars", type=int, default=d["max_prompt_chars"].default,
+                     help="longest prompt in characters, checked before tokenising (default %(default)s)")
+    lim.add_argument("--max-overtakes", type=int, default=d["max_overtakes"].default,
+                     help="admission: later requests that fit may start before a waiting one that does not fit "
+                          "yet at most this many times, then it goes first (default %(default)s)")
 
 
 def _add_request_options(p: argparse.ArgumentParser, max_steps: int = 6, max_step_tokens: int = 24,
@@ -164,7 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = srv.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    g.add_argument("--served-model-name", help="model id clients send and /v1/models lists (default: --model)")
+    g.add_argument("--served-model-name",
+                   help="model id clients send and /v1/models lists (default: the checkpoint directory's name)")
+    g.add_argument("--api-key", default=os.environ.get("PFENGINE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every /v1/* route (default: $PFENGINE_API_KEY; "
+                        "none: no authentication, fine on loopback only)")
+    g.add_argument("--allowed-hosts", type=lambda t: tuple(h.strip().lower() for h in t.split(",") if h.strip()),
+                   default=(), metavar="HOST,HOST",
+                   help="Host header values to accept, e.g. localhost,127.0.0.1 (against DNS rebinding; default: any)")
+    g.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                   help="largest request body; larger ones get 413 before parsing (default %(default)s)")
+    g.add_argument("--max-completions", type=int, default=128,
+                   help="most completions (prompts x n) one HTTP request may ask for (default %(default)s)")
+    g.add_argument("--enable-docs", action="store_true", help="serve /docs and /openapi.json (off by default)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
 
@@ -223,9 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"demo": cmd_demo, "generate": cmd_generate, "serve": cmd_serve, "bench": cmd_bench,
                 "profile": cmd_profile}[args.command](args)
+    except InvalidArgument as e:
+        print(f"pfengine {args.command}: error: {e.render(flag_of)}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, CheckpointError) as e:
         print(f"pfengine {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def flag_of(field: str) -> str:
+    """The command-line flag of an API option named in an error (``n_particles`` -> ``--particles``)."""
+    return FLAGS.get(field, "--" + field.replace("_", "-")) if field.isidentifier() else field
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,11 +280,12 @@ def make_engine(args: argparse.Namespace) -> Engine:
     if model is None:
         model, default_prm = default_checkpoint(quiet=getattr(args, "json", False))
         prm = prm or default_prm
+    limits = {name: getattr(args, name) for name in LIMITS if hasattr(args, name)}
     return Engine(EngineConfig(model=model, prm=prm, num_blocks=getattr(args, "num_blocks", 2048),
                                block_size=getattr(args, "block_size", 16),
                                kv_dtype=getattr(args, "kv_dtype", "float32"),
                                max_particles=getattr(args, "max_particles", 1024),
-                               max_model_len=getattr(args, "max_model_len", None)))
+                               max_model_len=getattr(args, "max_model_len", None), **limits))
 
 
 def make_request(args: argparse.Namespace, prompt: str | list[dict], seed: int | None = None) -> Request:
@@ -378,12 +419,23 @@ def print_result(result: PFResult, stats: dict[str, int], seconds: float) -> Non
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pfengine.server import serve
+    from pfengine.http_gate import GateConfig
+    from pfengine.server import ServerConfig, serve
 
+    for flag in ("max_body_bytes", "max_completions"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key must not be empty")
     engine = make_engine(args)
-    print(f"pfengine: serving {args.served_model_name or engine.config.model} on http://{args.host}:{args.port}/v1",
-          file=sys.stderr)
-    serve(engine, host=args.host, port=args.port, served_model_name=args.served_model_name, log_level=args.log_level)
+    config = ServerConfig(served_model_name=args.served_model_name,
+                          gate=GateConfig(api_key=args.api_key, allowed_hosts=args.allowed_hosts,
+                                          max_body_bytes=args.max_body_bytes),
+                          max_completions=args.max_completions, enable_docs=args.enable_docs)
+    name = args.served_model_name or Path(engine.config.model).name
+    print(f"pfengine: serving {name} on http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if args.api_key else ''}", file=sys.stderr)
+    serve(engine, host=args.host, port=args.port, config=config, log_level=args.log_level)
     return 0
 
 
