@@ -120,3 +120,36 @@ def test_rotary_buffers_are_skipped_and_a_tied_head_copy_is_accepted(checkpoint_
     clean, extra = make_runner(src), make_runner(path)
     torch.testing.assert_close(extra.decoder.logits(extra.extend([0], [ids])),
                                clean.decoder.logits(clean.extend([0], [ids])), atol=0, rtol=0)
+
+
+PHI_4 = {  # microsoft/phi-4 config.json (transformers 4.47)
+    "architectures": ["Phi3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "auto_map": {},
+    "bos_token_id": 100257, "embd_pdrop": 0.0, "eos_token_id": 100257, "hidden_act": "silu", "hidden_size": 5120,
+    "initializer_range": 0.02, "intermediate_size": 17920, "max_position_embeddings": 16384, "model_type": "phi3",
+    "num_attention_heads": 40, "num_hidden_layers": 40, "num_key_value_heads": 10,
+    "original_max_position_embeddings": 16384, "pad_token_id": 100257, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05,
+    "rope_scaling": None, "rope_theta": 250000, "sliding_window": None, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.47.0", "use_cache": True, "vocab_size": 100352}
+GRANITE_8B = {  # an ibm-granite 3.x 8B instruct config.json (transformers 4.49)
+    "architectures": ["GraniteForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "attention_multiplier": 0.0078125, "bos_token_id": 0, "embedding_multiplier": 12.0, "eos_token_id": 0,
+    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 12800,
+    "logits_scaling": 16.0, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "granite",
+    "num_attention_heads": 32, "num_hidden_layers": 40, "num_key_value_heads": 8, "pad_token_id": 0,
+    "residual_multiplier": 0.22, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000000.0,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.49.0", "use_cache": True,
+    "vocab_size": 49159}
+
+
+def test_published_configs_of_the_new_families_load_as_transformers_reads_them():
+    for raw in (PHI_4, GRANITE_8B):
+        ours = parse_config(raw)
+        hf = CONFIG_MAPPING[raw["model_type"]](**raw)
+        assert (ours.num_kv_heads, ours.rms_norm_eps, ours.rope.theta) == \
+            (hf.num_key_value_heads, hf.rms_norm_eps, hf.rope_parameters["rope_theta"])
+        assert ours.context_limit is None and ours.max_position_embeddings == raw["max_position_embeddings"]
+    phi4, granite = parse_config(PHI_4), parse_config(GRANITE_8B)
+    assert phi4.fused_projections and (phi4.head_dim, phi4.rope.kind, phi4.rope.rotary_dim) == (128, "default", 128)
+    assert granite.tie_word_embeddings and not (granite.qkv_bias or granite.o_bias or granite.mlp_bias)
+    assert (granite.attention_scale, granite.embedding_multiplier, granite.residual_multiplier,
+            granite.logits_scaling) == (0.0078125, 12.0, 0.22, 16.0)

@@ -167,10 +167,10 @@ class _Fields:
             raise self.fail(key, "must be a positive integer")
         return value
 
-    def number(self, key: str, default: float, positive: bool = True) -> float:
+    def number(self, key: str, default: float) -> float:
         value = self.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
-            raise self.fail(key, f"must be a {'positive ' if positive else ''}number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise self.fail(key, "must be a positive number")
         return float(value)
 
     def flag(self, key: str) -> bool:
@@ -270,7 +270,10 @@ def _rope(c: _Fields, family: Family, head_dim: int, max_pos: int) -> RopeConfig
     if c.get("rope_scaling") and c.get("rope_parameters"):
         raise c.fail("rope_scaling", "and rope_parameters are both set: ambiguous")
     key = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"
-    params = dict(c.get(key, {}))
+    params = c.get(key, {})
+    if not isinstance(params, dict):
+        raise c.fail(key, "must be a JSON object")
+    params = dict(params)
     if any(isinstance(v, dict) for v in params.values()):
         raise c.fail(key, "holds per-layer-type parameters: unsupported")
     theta = params.pop("rope_theta", c.get("rope_theta", 10000.0))
@@ -304,16 +307,14 @@ def _rope(c: _Fields, family: Family, head_dim: int, max_pos: int) -> RopeConfig
 
 
 def _rotary_dim(c: _Fields, family: Family, partial, head_dim: int) -> int:
-    if partial == 1:
-        return head_dim
-    if not family.partial_rotary:
+    if partial != 1 and not family.partial_rotary:
         raise CheckpointError(f"{c.where}: partial_rotary_factor={partial!r} is unsupported for {family.prefix}")
-    if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial < 1:
+    if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
         raise CheckpointError(f"{c.where}: partial_rotary_factor={partial!r} must be in (0, 1]")
     rotary_dim = int(head_dim * partial)
     if rotary_dim < 2 or rotary_dim % 2:
-        raise CheckpointError(f"{c.where}: partial_rotary_factor={partial!r} gives an odd or empty rotary "
-                              f"dimension ({rotary_dim} of head_dim {head_dim})")
+        raise CheckpointError(f"{c.where}: head_dim={head_dim} x partial_rotary_factor={partial!r} gives an odd or "
+                              f"empty rotary dimension ({rotary_dim})")
     return rotary_dim
 
 
