@@ -20,7 +20,7 @@ from torch.profiler import record_function
 
 from pfengine.cache.block_manager import BlockManager
 from pfengine.config import AGGREGATIONS, KV_DTYPES, EngineConfig, InvalidArgument, Request, require
-from pfengine.model.checkpoint import CheckpointError, read_config
+from pfengine.model.checkpoint import PRM_ARCHITECTURES, CheckpointError, read_config
 from pfengine.model.decoder import load_decoder
 from pfengine.model.tokenizer import check_same_tokenizer, eos_ids, load_tokenizer
 from pfengine.kernels.prm_score import head_logit, initial_running, running_to_prob, weigh
@@ -69,9 +69,15 @@ class Engine:
         if Path(path).is_file():
             return ValueHeadPRM(load_value_head(path, hidden_size))
         shepherd = pc.good_token is not None
-        if read_config(path).is_prm == shepherd:
-            raise CheckpointError(f"{path}: a PRM directory needs architectures ['Qwen2ForProcessRewardModel'], or a "
-                                  f"causal LM with PRMConfig.good_token/bad_token set (Math-Shepherd style)")
+        prm_cfg = read_config(path)
+        if prm_cfg.is_prm == shepherd:
+            raise CheckpointError(f"{path}: a PRM directory needs architectures [one of {PRM_ARCHITECTURES}] "
+                                  f"(Qwen2.5-Math-PRM layout), or a causal LM with PRMConfig.good_token/bad_token "
+                                  f"set (Math-Shepherd style)")
+        if prm_cfg.max_position_embeddings < self.max_len:
+            raise CheckpointError(f"{path}: the PRM computes at most {prm_cfg.max_position_embeddings} positions "
+                                  f"({prm_cfg.context_limit or 'max_position_embeddings'}), fewer than the policy's "
+                                  f"{self.max_len}; set EngineConfig.max_model_len <= {prm_cfg.max_position_embeddings}")
         check_same_tokenizer(self.tokenizer, load_tokenizer(path), path)
         ids = [self._token_id(t, path) for t in (pc.step_tag, pc.good_token, pc.bad_token) if t is not None]
         self.prm_runner = self._runner(path)
