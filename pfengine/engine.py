@@ -274,11 +274,12 @@ class Engine:
         require(n + 2 <= c.max_particles, "n_particles",
                f"{n} particles{' per sweep' if search.iterations > 1 else ''} need {n + 2} cache rows; "
                f"EngineConfig.max_particles is {c.max_particles}")
-        require(len(ids) < self.max_len - 1, "prompt", f"{len(ids)} tokens does not fit max_model_len={self.max_len}")
+        require(len(ids) < self.max_len - 1, "prompt",
+                f"{len(ids)} tokens does not fit EngineConfig.max_model_len={self.max_len}")
         room = self.max_len - len(ids) - sampling.max_steps  # PRM step tags need room too
         require(room > 0, "max_steps",
                f"{sampling.max_steps} steps reserve a position per step (PRM step tags), which with the prompt's "
-               f"{len(ids)} tokens does not fit max_model_len={self.max_len}; at most {self.max_len - len(ids) - 1}")
+               f"{len(ids)} tokens does not fit EngineConfig.max_model_len={self.max_len}; at most {self.max_len - len(ids) - 1}")
         per_particle = min(sampling.max_tokens, sampling.max_steps * sampling.max_step_tokens, room)
         total = search.n_particles * per_particle
         require(total <= c.max_request_tokens, "max_tokens",
