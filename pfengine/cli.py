@@ -1,4 +1,4 @@
-"""The ``pfengine`` command: ``demo``, ``generate``, ``serve``, ``bench`` and ``profile``.
+"""The ``pfengine`` command: ``demo``, ``generate``, ``trace``, ``serve``, ``bench`` and ``profile``.
 
 Heavy imports (the engine, transformers, uvicorn, the profiler) happen inside the subcommands, so
 ``pfengine --help`` is quick."""
@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from pfengine.config import AGGREGATIONS, KV_DTYPES, METHODS, RESAMPLING, SELECTIONS, EngineConfig, InvalidArgument
 from pfengine.toy.pf import DEMO_TEMPERATURE
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "steps) or the value head on the policy")
     demo.add_argument("--out", default="out/demo", help="where the table (results.md / .json) and plot go")
     demo.add_argument("--no-eval", action="store_true", help="only the traced run, no evaluation")
+    demo.add_argument("--trace-html", metavar="DIR",
+                      help="where the traced run's genealogy goes (trace.html, and trace.png with matplotlib; "
+                           "default: --out)")
     _add_request_options(demo, temperature=DEMO_TEMPERATURE)
     _add_output_options(demo)
 
@@ -171,8 +174,36 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the problem text ('-' reads it from stdin)")
     gen.add_argument("--chat", action="store_true",
                      help="send the prompt as a user message through the model's chat template")
+    gen.add_argument("--trace-html", metavar="DIR",
+                     help="also write the run's genealogy to DIR (trace.html: open it in a browser; trace.png "
+                          "with matplotlib)")
     _add_request_options(gen)
     _add_output_options(gen)
+
+    tr = sub.add_parser("trace", help="draw a run's genealogy: a self-contained HTML page and a PNG",
+                        description="Run one request as `generate` does (or read a saved result with --result) and "
+                                    "draw its genealogy: rounds left to right, one node per distinct particle per "
+                                    "round (identical copies are one node with a count), sized by weight and "
+                                    "coloured by PRM score, edges from ancestor to child, the ESS of every round, "
+                                    "the chosen particle's path; hover or click a node for its step and text. "
+                                    "Writes NAME.html (no network needed: open it from disk), NAME.png (needs "
+                                    "matplotlib: pip install 'pfengine[viz]') and NAME.json (the result, to "
+                                    "draw again with --result).")
+    _add_engine_options(tr)
+    g = tr.add_argument_group("trace")
+    g.add_argument("--prompt", help="the problem text ('-' reads it from stdin)")
+    g.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the model's chat template")
+    g.add_argument("--result", metavar="FILE",
+                   help="draw a saved result instead of running one: the JSON of `pfengine generate --json` or the "
+                        "NAME.json this command writes (its tokens are decoded with --model's tokenizer)")
+    g.add_argument("--reference", metavar="ANSWER",
+                   help="the right final answer: marks each candidate and the chosen one correct or wrong")
+    g.add_argument("--out", default="out/trace", help="output directory (default out/trace)")
+    g.add_argument("--name", default="trace", help="file name stem (default trace)")
+    g.add_argument("--no-png", action="store_true", help="only the HTML page")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn on stderr)")
+    _add_request_options(tr)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
                          description="Serve one engine over HTTP: GET /v1/models, POST /v1/completions, POST "
@@ -253,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     from pfengine.model.checkpoint import CheckpointError
 
     try:
-        return {"demo": cmd_demo, "generate": cmd_generate, "serve": cmd_serve, "bench": cmd_bench,
-                "profile": cmd_profile}[args.command](args)
+        return {"demo": cmd_demo, "generate": cmd_generate, "trace": cmd_trace, "serve": cmd_serve,
+                "bench": cmd_bench, "profile": cmd_profile}[args.command](args)
     except InvalidArgument as e:
         print(f"pfengine {args.command}: error: {e.render(flag_of)}", file=sys.stderr)
         return 2
@@ -359,7 +390,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pfengine.config import EngineConfig
     from pfengine.engine import Engine
     from pfengine.toy import evaluate
-    from pfengine.toy.task import heldout_set
+    from pfengine.toy.task import extract_answer, heldout_set
 
     prm = VALUE_HEAD if args.prm_kind == "value_head" else PRM
     print(f"Model: {POLICY} (bundled toy policy) + PRM {prm}\n")
@@ -367,8 +398,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     problems = heldout_set(max(args.problems, 1))
     t = args.temperature
     print(f"Sampling temperature {t}\n")
-    evaluate.trace_one(engine, evaluate.hard_problem(engine, problems[:50], args.particles, args.seed, t),
-                       budget=args.particles, seed=args.seed, temperature=t)
+    problem = evaluate.hard_problem(engine, problems[:50], args.particles, args.seed, t)
+    result = evaluate.trace_one(engine, problem, budget=args.particles, seed=args.seed, temperature=t)
+    _write_genealogy(args.trace_html or args.out, result, evaluate.request(problem, "particle_filter", args.particles,
+                                                                           args.seed, t), engine,
+                     grade=lambda text: extract_answer(text) == problem.answer)
     if args.no_eval:
         return 0
     rows = evaluate.evaluate(engine, problems[:args.problems], tuple(args.budgets), seed=args.seed, temperature=t)
@@ -391,10 +425,67 @@ def _generate(args: argparse.Namespace, engine: Engine, prompt: str | list[dict]
     result = run_with_progress(engine, request, disable=args.no_progress)
     seconds = time.perf_counter() - start
     if args.json:
-        print(json.dumps(asdict(result) | {"seconds": seconds, "engine": engine.stats()}, indent=1))
+        print(json.dumps(asdict(result) | {"seconds": seconds, "engine": engine.stats(), "prompt": prompt,
+                                           "search": asdict(request.search)}, indent=1))
     else:
         print_result(result, engine.stats(), seconds)
+    if args.trace_html:
+        _write_genealogy(args.trace_html, result, request, engine)
     return 0
+
+
+def _write_genealogy(out_dir: str, result: PFResult, request: Request, engine: Engine,
+                     grade: Callable[[str], bool] | None = None) -> None:
+    from pfengine import genealogy
+
+    paths = genealogy.write_result(result, request, engine.detokenize, out_dir, grade=grade)
+    note = "" if len(paths) > 1 else " (no PNG: it needs matplotlib, pip install 'pfengine[viz]')"
+    print(f"Genealogy: {', '.join(map(str, paths))}{note}", file=sys.stderr)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from pfengine import genealogy
+
+    if (args.prompt is None) == (args.result is None):
+        raise ValueError("give --prompt (run a request) or --result FILE (draw a saved one), not both")
+    if not args.no_png and not genealogy.can_draw_png():
+        raise ValueError("the PNG needs matplotlib: pip install 'pfengine[viz]', or pass --no-png")
+    grade = genealogy.grader(args.reference) if args.reference is not None else None
+    if args.result is not None:
+        run = genealogy.from_json(_read_json(args.result), args.result, grade)
+        detokenize = _tokenizer_decode(args.model)
+    else:
+        engine = make_engine(args)
+        text = sys.stdin.read() if args.prompt == "-" else args.prompt
+        prompt = [{"role": "user", "content": text}] if args.chat else text
+        request = make_request(args, prompt)
+        result = run_with_progress(engine, request, disable=args.no_progress)
+        run = genealogy.from_result(result, request.search, prompt, grade)
+        detokenize = engine.detokenize
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        saved = asdict(result) | {"prompt": prompt, "search": asdict(request.search)}
+        (out / f"{args.name}.json").write_text(json.dumps(saved))
+    paths = genealogy.write(run, detokenize, args.out, args.name, png=not args.no_png)
+    print(f"{run.verdict}\nWrote {', '.join(map(str, paths))}")
+    return 0
+
+
+def _read_json(path: str) -> object:
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"--result {path}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--result {path}: not JSON ({e})") from None
+
+
+def _tokenizer_decode(model: str | None) -> Callable[[list[int]], str]:
+    from pfengine.model.tokenizer import load_tokenizer
+    from pfengine.toy.pf import POLICY
+
+    tokenizer = load_tokenizer(model or str(POLICY))
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def print_result(result: PFResult, stats: dict[str, int], seconds: float) -> None:
