@@ -131,8 +131,9 @@ def markdown(rows: list[dict]) -> str:
             + (" page ready in browser (ms) | headless screenshot (s) |" if browser else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        line = (f"| {r['name']} | {r['particles']} × {r['rounds']} | {r['nodes']} | {r['edges']} | {r['layout_s']:.3f} | "
-                f"{r['html_s']:.3f} | {r['png_s']:.3f} | {r['html_bytes'] / 1e6:.2f} MB | {r['png_bytes'] / 1e6:.2f} MB |")
+        line = (f"| {r['name']} | {r['particles']} × {r['rounds']} | {r['nodes']} | {r['edges']} | "
+                f"{r['layout_s']:.3f} | {r['html_s']:.3f} | {r['png_s']:.3f} | {r['html_bytes'] / 1e6:.2f} MB | "
+                f"{r['png_bytes'] / 1e6:.2f} MB |")
         if browser:
             line += f" {r['browser_script_ms']:.0f} | {r['browser_screenshot_s']:.2f} |"
         lines.append(line)

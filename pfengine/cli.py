@@ -452,6 +452,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise ValueError("the PNG needs matplotlib: pip install 'pfengine[viz]', or pass --no-png")
     grade = genealogy.grader(args.reference) if args.reference is not None else None
     if args.result is not None:
+        unused = _options_set(args, "trace", keep={"result", "model", "reference", "out", "name", "no_png"})
+        if unused:
+            raise ValueError(f"--result draws a saved run; {', '.join(unused)} would not be used")
         run = genealogy.from_json(_read_json(args.result), args.result, grade)
         detokenize = _tokenizer_decode(args.model)
     else:
@@ -469,6 +472,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
     paths = genealogy.write(run, detokenize, args.out, args.name, png=not args.no_png)
     print(f"{run.verdict}\nWrote {', '.join(map(str, paths))}")
     return 0
+
+
+def _options_set(args: argparse.Namespace, command: str, keep: set[str]) -> list[str]:
+    """The options outside ``keep`` given a value other than their default, as --flags."""
+    defaults = vars(build_parser().parse_args([command]))
+    return [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+            if name not in keep and value != defaults.get(name)]
 
 
 def _read_json(path: str) -> object:

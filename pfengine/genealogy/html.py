@@ -45,7 +45,8 @@ def _header(tree: Tree) -> str:
 
 
 def _legend(tree: Tree) -> str:
-    stops = "".join(f'<stop offset="{k / (len(SCORE_RAMP) - 1):g}" stop-color="{c}"/>' for k, c in enumerate(SCORE_RAMP))
+    last = len(SCORE_RAMP) - 1
+    stops = "".join(f'<stop offset="{k / last:g}" stop-color="{c}"/>' for k, c in enumerate(SCORE_RAMP))
     ramp = (f'<svg width="120" height="12" aria-hidden="true"><defs><linearGradient id="pf-ramp">{stops}'
             '</linearGradient></defs><rect width="120" height="12" fill="url(#pf-ramp)"/></svg>')
     items = [f"PRM score 0 {ramp} 1"] if tree.scored_any else []

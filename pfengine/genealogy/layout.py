@@ -132,7 +132,8 @@ class Layout:
                 answer = run.answers[node.candidate]
                 correct = None if run.correct is None else run.correct[node.candidate]
                 mark = "" if correct is None else (" ✓" if correct else " ✗")
-                out.append(Label(x + r + 4, y + 4, ("–" if answer is None else answer[:14]) + mark, "answer", correct))
+                text = ("–" if answer is None else answer[:14]) + mark
+                out.append(Label(x + r + 4, y + 4, text, "answer", correct))
         return out
 
 

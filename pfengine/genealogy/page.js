@@ -87,7 +87,8 @@
       var c = field(i, 7);
       if (c >= 0) {
         var cand = data.candidates[c], verdict = cand[1] === null ? "" : cand[1] ? " (correct)" : " (wrong)";
-        add(list, "candidate " + c + (c === data.best ? ", chosen" : ""), "answer " + (cand[0] === null ? "none" : cand[0]) + verdict);
+        add(list, "candidate " + c + (c === data.best ? ", chosen" : ""),
+            "answer " + (cand[0] === null ? "none" : cand[0]) + verdict);
       }
     }
     info.appendChild(list);

@@ -20,8 +20,8 @@ from pfengine.genealogy.layout import LEFT, Layout, legend_items, score_colour
 LEGEND_LINE = 19.0
 """Pixels per legend line; the title and the verdict take two more, above the legend."""
 DPI = 100
-MAX_PIXELS = 3.0e6
-"""The default scale keeps a picture at most this many pixels (a 256 x 40 run: ~2 MB of PNG)."""
+MAX_PIXELS = 2.5e6
+"""The default scale keeps a picture at most this many pixels (a 256 x 40 run: 1.1x, under 1 MB)."""
 PT = 72 / DPI
 """Points per pixel: matplotlib sizes text, lines and markers in points."""
 GREY, EDGE, FORK, CHOSEN, REFERENCE = "#555555", "#c6ccd4", "#6b7d99", "#111111", "#7b3294"

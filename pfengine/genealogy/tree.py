@@ -92,8 +92,8 @@ class Tree:
         n = self.run.n_particles
         rounds = sum(1 for c in self.columns if c.round > 0)
         sweeps = len({c.sweep for c in self.columns})
-        text = f"{METHOD_NAMES[self.run.method]} · {n} particle{'s' * (n != 1)} · {rounds} rounds"
-        return text + (f" in {sweeps} sweeps" if sweeps > 1 else "")
+        particles = f"{n} particle{'s' * (n != 1)}" + (f" × {sweeps} sweeps" if sweeps > 1 else "")
+        return f"{METHOD_NAMES[self.run.method]} · {particles} · {rounds} rounds"
 
 
 def build(run: Run, detokenize: Callable[[list[int]], str]) -> Tree:
@@ -103,11 +103,12 @@ def build(run: Run, detokenize: Callable[[list[int]], str]) -> Tree:
     columns: list[Column] = []
     slot_nodes: list[int] = []
     wanted = {tuple(c) for c in run.candidates}
-    lengths = {len(c) for c in run.candidates}
     last_seen: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    """Each candidate's tokens -> (slot, node) of the particles holding them in the last round they appear in."""
     for k, st in enumerate(run.trace):
         _expect_particles(st, n, k)
-        ancestors = None if k == 0 or st.sweep != run.trace[k - 1].sweep else run.trace[k - 1].ancestors or list(range(n))
+        starts_sweep = k == 0 or st.sweep != run.trace[k - 1].sweep
+        ancestors = None if starts_sweep else run.trace[k - 1].ancestors or list(range(n))
         if ancestors is None:
             columns.append(Column(st.sweep, 0, None, False))
             nodes.append(Node(len(columns) - 1, ROOT, 0, "", 0.5, False))
@@ -115,11 +116,7 @@ def build(run: Run, detokenize: Callable[[list[int]], str]) -> Tree:
         columns.append(Column(st.sweep, columns[-1].round + 1, st.ess, st.ancestors is not None))
         previous = None if ancestors is None else run.trace[k - 1].tokens
         slot_nodes = _add_round(run, k, len(columns) - 1, nodes, slot_nodes, ancestors, previous, band_size, detokenize)
-        this_round: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-        for i, toks in enumerate(st.tokens):
-            if len(toks) in lengths and (key := tuple(toks)) in wanted:
-                this_round.setdefault(key, []).append((i, slot_nodes[i]))
-        last_seen.update(this_round)
+        last_seen.update(_holding(wanted, st, slot_nodes))
     chosen = _mark_candidates(run, nodes, last_seen)
     return Tree(run, nodes, columns, bands, band_size, chosen)
 
@@ -154,6 +151,17 @@ def _add_round(run: Run, k: int, column: int, nodes: list[Node], parent_of_slot:
         node.reference |= i == reference_slot
         slot_nodes.append(j)
     return slot_nodes
+
+
+def _holding(wanted: set[tuple[int, ...]], st: StepTrace,
+             slot_nodes: list[int]) -> dict[tuple[int, ...], list[tuple[int, int]]]:
+    """(slot, node) of every particle of a round whose tokens are in ``wanted``, by those tokens."""
+    lengths = {len(c) for c in wanted}
+    found: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    for i, toks in enumerate(st.tokens):
+        if len(toks) in lengths and (key := tuple(toks)) in wanted:
+            found.setdefault(key, []).append((i, slot_nodes[i]))
+    return found
 
 
 def _mark_candidates(run: Run, nodes: list[Node], last_seen: dict[tuple[int, ...], list[tuple[int, int]]]) -> list[int]:
