@@ -8,9 +8,10 @@ N nodes per round, the most a run can have); ``copies``: after a resampling, cop
 take the same step with probability 1/2 (identical copies, aggregated into one node). Steps are
 detokenized with the bundled toy tokenizer, as a real run's are.
 
-Timed: aggregation + layout, the HTML page, the PNG (matplotlib), and -- where Chromium is installed --
-the browser: the page's own clock when its script has run (``performance.now()``: navigation, parse
-and script, no paint) and the wall time of ``chromium --headless --screenshot`` (start-up included).
+Timed: aggregation + layout (detokenizing every step included), the HTML page, the PNG (matplotlib),
+and -- where Chromium is installed -- the browser: the page's own clock (``performance.now()`` from
+navigation) when its script has run and when style and layout are done (ready to paint), and the wall
+time of ``chromium --headless --screenshot`` of the page less that of a blank page (start-up).
 
     python -m bench.genealogy                 # writes bench/results/genealogy.{md,json}
 """
@@ -108,34 +109,43 @@ def measure(run: Run, detokenize, out: Path, name: str, repeats: int, chromium: 
 
 
 def _browser(chromium: str, page: Path, layout, repeats: int) -> dict:
-    """The page's own clock after its script ran (``data-ms``) and the wall time of a screenshot."""
+    """The page's own clock (from navigation) when its script has run and when style and layout are
+    done, and the wall time of a headless screenshot less that of a blank page's (browser start-up)."""
     flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
-    script_ms, shot_s = [], []
+    size = f"--window-size={int(layout.width) + 40},{int(layout.height) + 200}"
+    blank = page.with_name("blank.html")
+    blank.write_text("<!DOCTYPE html><title>blank</title>")
+    script_ms, layout_ms, shot_s = [], [], []
     for _ in range(repeats):
         dom = subprocess.run(flags + ["--dump-dom", page.resolve().as_uri()], capture_output=True, text=True,
                              timeout=120).stdout
         status = re.search(r'<p id="pf-status"[^>]*>', dom)
         assert status and 'data-state="ready"' in status.group(0), "the page's script did not finish"
         script_ms.append(float(re.search(r'data-ms="(\d+)"', status.group(0)).group(1)))
-        t = time.perf_counter()
-        subprocess.run(flags + [f"--window-size={int(layout.width) + 40},{int(layout.height) + 200}",
-                                f"--screenshot={page.with_suffix('.shot.png')}", page.resolve().as_uri()],
-                       capture_output=True, timeout=120, check=True)
-        shot_s.append(time.perf_counter() - t)
-    return {"browser_script_ms": statistics.median(script_ms), "browser_screenshot_s": statistics.median(shot_s)}
+        layout_ms.append(float(re.search(r'data-layout-ms="(\d+)"', status.group(0)).group(1)))
+        walls = []
+        for target in (blank, page):
+            t = time.perf_counter()
+            subprocess.run(flags + [size, f"--screenshot={page.with_suffix('.shot.png')}", target.resolve().as_uri()],
+                           capture_output=True, timeout=120, check=True)
+            walls.append(time.perf_counter() - t)
+        shot_s.append(walls[1] - walls[0])
+    return {"browser_script_ms": statistics.median(script_ms), "browser_layout_ms": statistics.median(layout_ms),
+            "browser_screenshot_extra_s": statistics.median(shot_s)}
 
 
 def markdown(rows: list[dict]) -> str:
     browser = all("browser_script_ms" in r for r in rows)
     head = ("| trace | particles × rounds | nodes | edges | layout (s) | HTML (s) | PNG (s) | HTML size | PNG size |"
-            + (" page ready in browser (ms) | headless screenshot (s) |" if browser else ""))
+            + (" browser: script done (ms) | laid out (ms) | screenshot − blank page's (s) |" if browser else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         line = (f"| {r['name']} | {r['particles']} × {r['rounds']} | {r['nodes']} | {r['edges']} | "
                 f"{r['layout_s']:.3f} | {r['html_s']:.3f} | {r['png_s']:.3f} | {r['html_bytes'] / 1e6:.2f} MB | "
                 f"{r['png_bytes'] / 1e6:.2f} MB |")
         if browser:
-            line += f" {r['browser_script_ms']:.0f} | {r['browser_screenshot_s']:.2f} |"
+            line += (f" {r['browser_script_ms']:.0f} | {r['browser_layout_ms']:.0f} | "
+                     f"{r['browser_screenshot_extra_s']:.2f} |")
         lines.append(line)
     return "\n".join(lines)
 

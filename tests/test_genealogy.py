@@ -198,12 +198,16 @@ def _broken(saved: dict, change) -> dict:
     (lambda d: d.pop("trace"), "trace: expected a non-empty list"),
     (lambda d: d["trace"][1].update(ancestors=[99] * len(d["trace"][1]["tokens"])), "trace[1].ancestors: expected"),
     (lambda d: d["trace"][0].update(scores=["high"] * len(d["trace"][0]["tokens"])), "trace[0].scores: expected"),
+    (lambda d: d["trace"][0].update(scores=[2.0] * len(d["trace"][0]["tokens"])), "trace[0].scores: expected"),
+    (lambda d: d["trace"][2].update(log_weights=[float("nan")] * len(d["trace"][2]["tokens"])),
+     "trace[2].log_weights: expected"),
     (lambda d: d["trace"][1]["tokens"].pop(), "trace[1].tokens: expected 9 particles"),
     (lambda d: d.update(best=len(d["particles"])), "best: expected an index"),
     (lambda d: d.update(method="magic"), "method: expected one of"),
     (lambda d: d.update(search={"particles": 3}), "search: expected only SearchParams fields"),
     (lambda d: d.update(search={"method": "particle_filter", "n_particles": -1}), "n_particles must be positive"),
     (lambda d: d["particles"][0].update(token_ids="12 13"), "particles[0].token_ids: expected"),
+    (lambda d: d.update(prompt=["user", "hi"]), "prompt: expected a string or chat messages"),
 ])
 def test_saved_result_errors_name_the_field(runs, change, message):
     request, result, _ = runs["particle_filter"]

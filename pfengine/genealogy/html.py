@@ -124,9 +124,8 @@ def _data(tree: Tree) -> dict:
                       steps.setdefault(node.step, len(steps)), flags, node.candidate, node.slots])
     columns = [[c.sweep, c.round, None if c.ess is None else round(c.ess, 3), c.resampled] for c in tree.columns]
     candidates = [[a, None if run.correct is None else run.correct[k]] for k, a in enumerate(run.answers)]
-    return {"method": run.method, "n": run.n_particles, "prompt": run.prompt or "", "bands": tree.bands,
-            "columns": columns, "nodes": nodes, "steps": list(steps), "candidates": candidates, "best": run.best,
-            "chosen": tree.chosen}
+    return {"method": run.method, "n": run.n_particles, "prompt": run.prompt or "", "columns": columns,
+            "nodes": nodes, "steps": list(steps), "candidates": candidates, "best": run.best}
 
 
 def _json(data: dict) -> str:

@@ -78,6 +78,8 @@
       add(list, "copies", field(i, 2) + " (particle" + (field(i, 2) > 1 ? "s " : " ") + field(i, 8).join(", ") + ")");
       add(list, "PRM score", (flags & FLAG_SCORED ? "" : "not scored this round; ") + field(i, 3).toFixed(4));
       add(list, "weight", field(i, 4).toPrecision(4) + " (of the round's total 1)");
+      var col = data.columns[field(i, 1)];
+      add(list, "round's ESS", col[2] + " of " + data.n + (col[3] ? "; resampled after this round" : ""));
       var notes = [];
       if (flags & FLAG_FORKED) notes.push("forked: resampling copied its parent more than once");
       if (flags & FLAG_CARRIED) notes.push("finished, carried on");
@@ -146,5 +148,9 @@
   status.setAttribute("data-edges", String(paths.length));
   status.setAttribute("data-state", "ready");
   status.setAttribute("data-ms", String(Math.round(performance.now())));
+  // Style and layout now rather than before the first paint (the browser does them once either way):
+  // data-layout-ms is when the page is ready to paint, for bench/genealogy.py.
+  svg.getBoundingClientRect();
+  status.setAttribute("data-layout-ms", String(Math.round(performance.now())));
   status.textContent = circles.length + " nodes, " + paths.length + " edges (" + data.nodes.length + " in the data)";
 })();

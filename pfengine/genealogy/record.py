@@ -10,6 +10,8 @@ from pfengine.config import METHODS, SearchParams
 from pfengine.search.answers import canonical, extract_answer
 from pfengine.state import PFResult, StepTrace
 
+STEP_TRACE_FIELDS = {f.name for f in fields(StepTrace)}
+
 
 @dataclass
 class Run:
@@ -88,7 +90,9 @@ def from_json(data: Any, source: str = "result", grade: Callable[[str], bool] | 
     search = _search(data.get("search"), f"{source}: search")
     _expect(search is None or search.method == method, f"{source}: search.method", f"the result's method {method!r}")
     prompt = data.get("prompt")
-    _expect(prompt is None or isinstance(prompt, (str, list)), f"{source}: prompt", "a string or chat messages")
+    _expect(prompt is None or isinstance(prompt, str) or (isinstance(prompt, list) and all(
+        isinstance(m, dict) and isinstance(m.get("content", ""), str) for m in prompt)), f"{source}: prompt",
+            "a string or chat messages ({role, content} objects)")
     return Run(method=method, trace=trace, candidates=[list(p["token_ids"]) for p in particles],
                answers=[p.get("answer") for p in particles], best=best, search=search,
                prompt=None if prompt is None else prompt_text(prompt),
@@ -97,32 +101,36 @@ def from_json(data: Any, source: str = "result", grade: Callable[[str], bool] | 
 
 def _trace(raw: Any, where: str) -> list[StepTrace]:
     _expect(isinstance(raw, list) and raw, where, "a non-empty list of rounds")
-    rounds = []
+    rounds: list[StepTrace] = []
     for k, t in enumerate(raw):
-        at = f"{where}[{k}]"
-        _expect(isinstance(t, dict), at, "an object")
-        tokens = t.get("tokens")
-        _expect(isinstance(tokens, list) and tokens and all(_ints(x) for x in tokens), f"{at}.tokens",
-                "a non-empty list of token-id lists (one per particle)")
-        n = len(tokens)
-        _expect(not rounds or n == len(rounds[0].tokens), f"{at}.tokens", f"{len(rounds[0].tokens) if rounds else n} "
-                "particles, as in round 0")
-        _expect(isinstance(t.get("scored"), list) and len(t["scored"]) == n
-                and all(isinstance(s, bool) for s in t["scored"]), f"{at}.scored", f"{n} booleans")
-        for name in ("scores", "log_weights"):
-            _expect(isinstance(t.get(name), list) and len(t[name]) == n and all(_number(x) for x in t[name]),
-                    f"{at}.{name}", f"{n} numbers")
-        _expect(_number(t.get("ess")), f"{at}.ess", "a number")
-        ancestors = t.get("ancestors")
-        _expect(ancestors is None or (_ints(ancestors) and len(ancestors) == n and all(0 <= a < n for a in ancestors)),
-                f"{at}.ancestors", f"null or {n} particle indices in 0..{n - 1}")
-        sweep = t.get("sweep", 0)
-        _expect(isinstance(sweep, int) and not isinstance(sweep, bool) and sweep >= 0, f"{at}.sweep",
-                "a non-negative integer")
-        _expect(not rounds or rounds[-1].sweep <= sweep, f"{at}.sweep", "sweeps in increasing order")
-        known = {f.name for f in fields(StepTrace)}
-        rounds.append(StepTrace(**{key: value for key, value in t.items() if key in known}))
+        rounds.append(_round(t, f"{where}[{k}]", len(rounds[0].tokens) if rounds else None))
+        _expect(k == 0 or rounds[-2].sweep <= rounds[-1].sweep, f"{where}[{k}].sweep", "sweeps in increasing order")
     return rounds
+
+
+def _round(t: Any, at: str, n: int | None) -> StepTrace:
+    """One round of a saved trace; ``n``: the particle count of round 0 (None for round 0 itself)."""
+    _expect(isinstance(t, dict), at, "an object")
+    tokens = t.get("tokens")
+    _expect(isinstance(tokens, list) and tokens and all(_ints(x) for x in tokens), f"{at}.tokens",
+            "a non-empty list of token-id lists (one per particle)")
+    _expect(n is None or len(tokens) == n, f"{at}.tokens", f"{n} particles, as in round 0")
+    n = len(tokens)
+    _expect(isinstance(t.get("scored"), list) and len(t["scored"]) == n
+            and all(isinstance(s, bool) for s in t["scored"]), f"{at}.scored", f"{n} booleans")
+    _expect(isinstance(t.get("scores"), list) and len(t["scores"]) == n
+            and all(_number(x) and 0 <= x <= 1 for x in t["scores"]), f"{at}.scores", f"{n} numbers in [0, 1]")
+    _expect(isinstance(t.get("log_weights"), list) and len(t["log_weights"]) == n
+            and all(_number(x) and x < math.inf for x in t["log_weights"]), f"{at}.log_weights",
+            f"{n} numbers (-Infinity for weight 0)")
+    _expect(_number(t.get("ess")) and 0 <= t["ess"] < math.inf, f"{at}.ess", "a non-negative number")
+    ancestors = t.get("ancestors")
+    _expect(ancestors is None or (_ints(ancestors) and len(ancestors) == n and all(0 <= a < n for a in ancestors)),
+            f"{at}.ancestors", f"null or {n} particle indices in 0..{n - 1}")
+    sweep = t.get("sweep", 0)
+    _expect(isinstance(sweep, int) and not isinstance(sweep, bool) and sweep >= 0, f"{at}.sweep",
+            "a non-negative integer")
+    return StepTrace(**{key: value for key, value in t.items() if key in STEP_TRACE_FIELDS})
 
 
 def _search(raw: Any, where: str) -> SearchParams | None:
