@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import random
 import re
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(str(POLICY))
     detokenize = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     chromium = None if args.no_browser else shutil.which("chromium")
+    load_before = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n, rounds in SIZES:
@@ -174,11 +176,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    load = (load_before, os.getloadavg()[0])
     table = markdown(rows)
-    (out / "genealogy.md").write_text(table + "\n")
+    note = (f"Medians of {args.repeats}; {os.cpu_count()} CPUs, 1-minute load average {load[0]:.1f} before and "
+            f"{load[1]:.1f} after (timings on a loaded machine are noisy).")
+    (out / "genealogy.md").write_text(f"{table}\n\n{note}\n")
     (out / "genealogy.json").write_text(json.dumps({"rows": rows, "machine": platform.processor() or platform.machine(),
-                                                    "chromium": chromium is not None}, indent=1))
-    print(table)
+                                                    "cpus": os.cpu_count(), "load_average": load,
+                                                    "repeats": args.repeats, "chromium": chromium is not None},
+                                                   indent=1))
+    print(f"{table}\n\n{note}")
     return 0
 
 
