@@ -205,7 +205,7 @@ def _broken(saved: dict, change) -> dict:
     (lambda d: d.update(best=len(d["particles"])), "best: expected an index"),
     (lambda d: d.update(method="magic"), "method: expected one of"),
     (lambda d: d.update(search={"particles": 3}), "search: expected only SearchParams fields"),
-    (lambda d: d.update(search={"method": "particle_filter", "n_particles": -1}), "n_particles must be positive"),
+    (lambda d: d.update(search={"method": "particle_filter", "n_particles": -1}), "search: n_particles: must be >= 1"),
     (lambda d: d["particles"][0].update(token_ids="12 13"), "particles[0].token_ids: expected"),
     (lambda d: d.update(prompt=["user", "hi"]), "prompt: expected a string or chat messages"),
 ])
