@@ -2,6 +2,7 @@
 import pytest
 
 from pfengine import Engine, EngineConfig, SearchParams, Request, SamplingParams
+from pfengine.search.answers import extract_answer
 
 
 def request(seed: int = 0, n: int = 8, **sampling) -> Request:
@@ -60,9 +61,10 @@ def test_finished_particles_stay_frozen(policy_dir):
                 finished_at[t] = k
     assert finished_at, "no particle finished early; the test needs EOS to happen"
     assert any(k < len(result.trace) - 1 for k in finished_at.values())
-    for p in result.particles:
-        assert p.finished
-        assert p.token_ids[-1] in engine.eos_ids or len(p.steps) == 6
+    for p in result.particles:  # each particle says why it ended: end-of-text, or cut off by the step budget
+        ended = p.token_ids[-1] in engine.eos_ids
+        assert p.finish_reason == ("eos" if ended else "max_steps") and p.cut_off == (not ended)
+        assert ended or len(p.steps) == 6
 
 
 def test_seeded_runs_repeat_exactly_alone_or_batched(policy_dir):
@@ -86,7 +88,8 @@ def test_many_requests_share_the_cache_and_finish_clean(policy_dir, value_head_f
     for r, req in zip(results, reqs):
         assert len(r.particles) == req.search.n_particles
         assert sum(p.weight for p in r.particles) == pytest.approx(1.0, abs=1e-5)
-        assert r.answer == r.particles[r.best].text
+        assert r.text == r.particles[r.best].text and r.answer == r.particles[r.best].answer
+        assert r.answer == extract_answer(r.text)
         assert r.best == max(range(len(r.particles)), key=lambda i: r.particles[i].weight)
     assert engine.stats()["policy_blocks_in_use"] == 0
     engine.policy.blocks.check_invariants()
