@@ -67,6 +67,24 @@ def test_finished_particles_stay_frozen(policy_dir):
         assert ended or len(p.steps) == 6
 
 
+def test_particles_say_which_limit_cut_them_off(policy_dir):
+    """With EOS impossible, every particle ends at a limit, and says which: the step budget, the
+    token budget, or the context (less the PRM's step-tag room)."""
+    def ended(engine: Engine, **sampling) -> set[tuple[str, int]]:
+        engine.eos_ids = frozenset()
+        result = engine.generate([request(n=2, max_step_tokens=4, **sampling)])[0]
+        assert all(p.cut_off for p in result.particles)
+        return {(p.finish_reason, len(p.token_ids)) for p in result.particles}
+
+    config = dict(model=policy_dir, num_blocks=256, block_size=8)
+    prm = lambda prompt, steps: 0.5  # noqa: E731
+    assert ended(Engine(EngineConfig(**config), prm_fn=prm), max_steps=3) == {("max_steps", 12)}
+    assert ended(Engine(EngineConfig(**config), prm_fn=prm), max_steps=10, max_tokens=6) == {("max_tokens", 6)}
+    prompt = len(Engine(EngineConfig(**config)).tokenizer.encode("Step 1: add 17 and 25."))
+    short = Engine(EngineConfig(**config, max_model_len=prompt + 10 + 7), prm_fn=prm)
+    assert ended(short, max_steps=10) == {("max_model_len", 7)}
+
+
 def test_seeded_runs_repeat_exactly_alone_or_batched(policy_dir):
     engine = Engine(EngineConfig(model=policy_dir, num_blocks=512, block_size=8),
                     prm_fn=lambda prompt, steps: (len(steps[-1]) % 7 + 1) / 8)

@@ -16,6 +16,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from pfengine import Engine, EngineConfig, Request, SamplingParams, SearchParams  # noqa: E402
 from pfengine.search.answers import extract_answer  # noqa: E402
 from pfengine.server import create_app  # noqa: E402
+from pfengine.state import FINISH_REASONS  # noqa: E402
 
 MODEL = "tiny-pf"
 PF = {"method": "particle_filter", "particles": 4, "max_steps": 3, "max_step_tokens": 5}
@@ -179,6 +180,7 @@ def test_search_stream_sends_rounds_then_the_answer(client):
     assert ext["text"] == answer and len(ext["particles"]) == 4
     # "answer" is the extracted answer of the chosen particle, not its text
     assert ext["answer"] == extract_answer(answer) == ext["particles"][ext["best"]]["answer"]
+    assert all(p["finish_reason"] in FINISH_REASONS for p in ext["particles"])
 
 
 @pytest.mark.parametrize("kwargs, status, field", [
