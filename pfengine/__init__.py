@@ -16,7 +16,8 @@ _EXPORTS = {"EngineConfig": "pfengine.config", "PRMConfig": "pfengine.config", "
             "SamplingParams": "pfengine.config", "SearchParams": "pfengine.config", "Engine": "pfengine.engine",
             "ParticleResult": "pfengine.state", "PFResult": "pfengine.state"}
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["Engine", "EngineConfig", "PFResult", "PRMConfig", "ParticleResult", "Request", "SamplingParams",
+           "SearchParams"]
 
 
 def __getattr__(name: str) -> Any:

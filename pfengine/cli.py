@@ -128,7 +128,8 @@ def _add_request_options(p: argparse.ArgumentParser, sampling: SamplingParams = 
                        help="search method (default particle_filter); greedy and self_consistency need no PRM")
         s.add_argument("--particles", type=int, default=search.n_particles,
                        help="budget N: particles (PF, PG in total over all sweeps, PT over all chains), samples "
-                            f"(best-of-N, self-consistency) or beams (beam search, DVTS) (default {search.n_particles})")
+                            f"(best-of-N, self-consistency) or beams (beam search, DVTS) "
+                            f"(default {search.n_particles})")
     s.add_argument("--aggregation", default=search.aggregation, choices=AGGREGATIONS,
                    help="how step scores make a particle's weight: model (the PRM reads the whole prefix; "
                         "the paper's best), last, prod or min (default model)")
@@ -160,7 +161,8 @@ def _add_request_options(p: argparse.ArgumentParser, sampling: SamplingParams = 
     g.add_argument("--max-steps", type=int, default=sampling.max_steps,
                    help=f"steps per particle; a particle still going is cut off (default {sampling.max_steps})")
     g.add_argument("--max-step-tokens", type=int, default=sampling.max_step_tokens,
-                   help=f"a step is cut after this many tokens without its delimiter (default {sampling.max_step_tokens})")
+                   help="a step is cut after this many tokens without its delimiter "
+                        f"(default {sampling.max_step_tokens})")
     g.add_argument("--max-tokens", type=int, default=sampling.max_tokens,
                    help=f"generated tokens per particle (default {sampling.max_tokens})")
     g.add_argument("--step-delimiter", type=_escapes, default=sampling.step_delimiter,
@@ -422,11 +424,10 @@ def run_with_progress(engine: Engine, request: Request, disable: bool = False) -
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """A preset of ``eval`` on the bundled toy task, after one traced PF run."""
+    from pfengine.eval.dataset import read_problems
     from pfengine.toy import demo
     from pfengine.toy.pf import PRM, VALUE_HEAD
     from pfengine.toy.task import heldout_set
-
-    from pfengine.eval.dataset import read_problems
 
     out = Path(args.out)
     problems = heldout_set(args.problems)

@@ -76,7 +76,8 @@ def test_defaults_are_the_apis(command):
     """One default for every command and the Python API: the step budget, cache size and search options."""
     extra = {"generate": ["--prompt", "x"], "eval": ["data.jsonl"]}.get(command, [])
     args = build_parser().parse_args([command, *extra])
-    assert args.num_blocks == EngineConfig(model="m").num_blocks and args.block_size == EngineConfig(model="m").block_size
+    config = EngineConfig(model="m")
+    assert (args.num_blocks, args.block_size) == (config.num_blocks, config.block_size)
     if command in ("serve",):
         return
     search, sampling = SearchParams(), SamplingParams()

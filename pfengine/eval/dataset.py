@@ -32,7 +32,8 @@ def read_problems(path: str | Path) -> list[Problem]:
             continue
         problem = _parse_line(line, f"{path}:{number}", default_id=str(len(problems)))
         if problem.unique_id in lines:
-            raise ValueError(f"{path}:{number}: unique_id {problem.unique_id!r} repeats line {lines[problem.unique_id]}")
+            first = lines[problem.unique_id]
+            raise ValueError(f"{path}:{number}: unique_id {problem.unique_id!r} repeats line {first}")
         lines[problem.unique_id] = number
         problems.append(problem)
     if not problems:
