@@ -1,4 +1,4 @@
-"""The ``pfengine`` command: ``demo``, ``eval``, ``generate``, ``serve``, ``bench`` and ``profile``.
+"""The ``pfengine`` command: ``demo``, ``eval``, ``generate``, ``trace``, ``serve``, ``bench`` and ``profile``.
 
 Heavy imports (torch, the engine, transformers, uvicorn, the profiler, math-verify) happen inside
 the subcommands, so ``pfengine --help`` and argument errors are quick. Without ``--model`` every
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -15,10 +16,10 @@ import time
 from collections import Counter
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from pfengine.config import (AGGREGATIONS, KV_DTYPES, METHODS, RESAMPLING, SELECTIONS, EngineConfig, SamplingParams,
-                             SearchParams)
+from pfengine.config import (AGGREGATIONS, KV_DTYPES, METHODS, RESAMPLING, SELECTIONS, EngineConfig, InvalidArgument,
+                             SamplingParams, SearchParams)
 from pfengine.prompting import NO_DELIMITER
 from pfengine.toy.pf import DEMO_TEMPERATURE
 
@@ -33,6 +34,12 @@ TOY_PROMPT = "Start with 47. Add 38. Subtract 29. Add 16. What is the result?"
 """The default prompt of ``bench`` and ``profile``: a problem of the bundled toy task."""
 BENCH_STEPS, BENCH_STEP_TOKENS = 4, 32
 """``bench`` / ``profile`` workload: steps of exactly this many tokens (``--fixed-steps``)."""
+
+FLAGS = {"n_particles": "--particles"}
+"""API option -> flag where the flag is not the option's name with dashes."""
+EVAL_FLAGS = FLAGS | {"n_particles": "--budgets"}
+"""``eval`` runs each budget in --budgets as the requests' ``n_particles``."""
+LIMITS = ("max_request_particles", "max_iterations", "max_request_tokens", "max_prompt_chars", "max_overtakes")
 
 PROFILE_SORTS = {"self_cpu_time_total": lambda e: e.self_cpu_time_total,
                  "cpu_time_total": lambda e: e.cpu_time_total, "count": lambda e: e.count}
@@ -114,6 +121,20 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="cache rows: the most particles of all requests alive at once (default 1024)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="cap on prompt + generated tokens (default: the model's max_position_embeddings)")
+    lim = p.add_argument_group("per-request limits (a request over one is refused, naming the limit)")
+    lim.add_argument("--max-request-particles", type=int, default=_default(EngineConfig, "max_request_particles"),
+                     help="largest budget (particles, all particle Gibbs sweeps together) one request may ask "
+                          "for (default %(default)s)")
+    lim.add_argument("--max-iterations", type=int, default=_default(EngineConfig, "max_iterations"),
+                     help="most particle Gibbs sweeps one request may ask for (default %(default)s)")
+    lim.add_argument("--max-request-tokens", type=int, default=_default(EngineConfig, "max_request_tokens"),
+                     help="most tokens one request may generate: particles x the per-particle cap "
+                          "(default %(default)s)")
+    lim.add_argument("--max-prompt-chars", type=int, default=_default(EngineConfig, "max_prompt_chars"),
+                     help="longest prompt in characters, checked before tokenising (default %(default)s)")
+    lim.add_argument("--max-overtakes", type=int, default=_default(EngineConfig, "max_overtakes"),
+                     help="admission: later requests that fit may start before a waiting one that does not fit "
+                          "yet at most this many times, then it goes first (default %(default)s)")
 
 
 def _add_request_options(p: argparse.ArgumentParser, sampling: SamplingParams = SamplingParams(),
@@ -220,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="problem k is sampled with seed + k (default 0)")
     demo.add_argument("--out", default="out/demo", help="where problems.jsonl, the results and the summary go")
     demo.add_argument("--no-eval", action="store_true", help="only the traced run, no evaluation")
+    demo.add_argument("--trace-html", metavar="DIR",
+                      help="where the traced run's genealogy goes (trace.html, and trace.png with matplotlib; "
+                           "default: --out)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn on stderr)")
 
     ev = sub.add_parser("eval", help="evaluate search methods on a problem set at several budgets",
@@ -252,9 +276,36 @@ def build_parser() -> argparse.ArgumentParser:
                                      "everything as JSON.")
     _add_engine_options(gen)
     gen.add_argument("--prompt", required=True, help="the problem text ('-' reads it from stdin)")
+    gen.add_argument("--trace-html", metavar="DIR",
+                     help="also write the run's genealogy to DIR (trace.html: open it in a browser; trace.png "
+                          "with matplotlib)")
     _add_prompt_options(gen)
     _add_request_options(gen)
     _add_output_options(gen)
+
+    tr = sub.add_parser("trace", help="draw a run's genealogy: a self-contained HTML page and a PNG",
+                        description="Run one request as `generate` does (or read a saved result with --result) and "
+                                    "draw its genealogy: rounds left to right, one node per distinct particle per "
+                                    "round (identical copies are one node with a count), sized by weight and "
+                                    "coloured by PRM score, edges from ancestor to child, the ESS of every round, "
+                                    "the chosen particle's path; hover or click a node for its step and text. "
+                                    "Writes NAME.html (no network needed: open it from disk), NAME.png (needs "
+                                    "matplotlib: pip install 'pfengine[viz]') and NAME.json (the result, to "
+                                    "draw again with --result).")
+    _add_engine_options(tr)
+    g = tr.add_argument_group("trace")
+    g.add_argument("--prompt", help="the problem text ('-' reads it from stdin)")
+    g.add_argument("--result", metavar="FILE",
+                   help="draw a saved result instead of running one: the JSON of `pfengine generate --json` or the "
+                        "NAME.json this command writes (its tokens are decoded with --model's tokenizer)")
+    g.add_argument("--reference", metavar="ANSWER",
+                   help="the right final answer: marks each candidate and the chosen one correct or wrong")
+    g.add_argument("--out", default="out/trace", help="output directory (default out/trace)")
+    g.add_argument("--name", default="trace", help="file name stem (default trace)")
+    g.add_argument("--no-png", action="store_true", help="only the HTML page")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn on stderr)")
+    _add_prompt_options(tr)
+    _add_request_options(tr)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
                          description="Serve one engine over HTTP: GET /v1/models, POST /v1/completions, POST "
@@ -266,7 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = srv.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    g.add_argument("--served-model-name", help="model id clients send and /v1/models lists (default: --model)")
+    g.add_argument("--served-model-name",
+                   help="model id clients send and /v1/models lists (default: the checkpoint directory's name)")
+    g.add_argument("--api-key", default=os.environ.get("PFENGINE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every /v1/* route (default: $PFENGINE_API_KEY; "
+                        "none: no authentication, fine on loopback only)")
+    g.add_argument("--allowed-hosts", type=lambda t: tuple(h.strip().lower() for h in t.split(",") if h.strip()),
+                   default=(), metavar="HOST,HOST",
+                   help="Host header values to accept, e.g. localhost,127.0.0.1 (against DNS rebinding; default: any)")
+    g.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                   help="largest request body; larger ones get 413 before parsing (default %(default)s)")
+    g.add_argument("--max-completions", type=int, default=128,
+                   help="most completions (prompts x n) one HTTP request may ask for (default %(default)s)")
+    g.add_argument("--enable-docs", action="store_true", help="serve /docs and /openapi.json (off by default)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
 
@@ -324,11 +387,20 @@ def main(argv: list[str] | None = None) -> int:
     from pfengine.model.checkpoint import CheckpointError
 
     try:
-        return {"demo": cmd_demo, "eval": cmd_eval, "generate": cmd_generate, "serve": cmd_serve, "bench": cmd_bench,
-                "profile": cmd_profile}[args.command](args)
+        return {"demo": cmd_demo, "eval": cmd_eval, "generate": cmd_generate, "trace": cmd_trace, "serve": cmd_serve,
+                "bench": cmd_bench, "profile": cmd_profile}[args.command](args)
+    except InvalidArgument as e:
+        flags = EVAL_FLAGS if args.command == "eval" else FLAGS
+        print(f"pfengine {args.command}: error: {e.render(lambda field: flag_of(field, flags))}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, CheckpointError) as e:
         print(f"pfengine {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def flag_of(field: str, flags: dict[str, str] = FLAGS) -> str:
+    """The command-line flag of an API option named in an error (``n_particles`` -> ``--particles``)."""
+    return flags.get(field, "--" + field.replace("_", "-")) if field.isidentifier() else field
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,9 +416,10 @@ def make_engine(args: argparse.Namespace) -> Engine:
         prm = prm or default_prm
     print(f"Model: {model}" + (f" + PRM {prm}" if prm else " (no PRM)"),
           file=sys.stderr if getattr(args, "json", False) else sys.stdout)
+    limits = {name: getattr(args, name) for name in LIMITS}
     return Engine(EngineConfig(model=model, prm=prm, num_blocks=args.num_blocks, block_size=args.block_size,
                                kv_dtype=args.kv_dtype, max_particles=args.max_particles,
-                               max_model_len=args.max_model_len))
+                               max_model_len=args.max_model_len, **limits))
 
 
 def default_checkpoint() -> tuple[str, str]:
@@ -384,18 +457,23 @@ def make_request(args: argparse.Namespace, prompt: str | list[dict], seed: int |
     ``--method`` and ``--particles``."""
     from pfengine.config import Request
 
+    return Request(prompt=prompt, sampling=make_sampling(args, args.seed if seed is None else seed),
+                   search=make_search(args, method or args.method, args.particles if budget is None else budget))
+
+
+def make_sampling(args: argparse.Namespace, seed: int) -> SamplingParams:
     fixed = getattr(args, "fixed_steps", False)
-    n = args.particles if budget is None else budget
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              seed=args.seed if seed is None else seed, max_steps=args.max_steps,
-                              max_step_tokens=args.max_step_tokens, max_tokens=args.max_tokens,
-                              step_delimiter=NO_DELIMITER if fixed else args.step_delimiter, stop_on_eos=not fixed)
-    search = SearchParams(method=method or args.method, n_particles=n, aggregation=args.aggregation,
-                          resampling=args.resampling, weight_temperature=args.weight_temperature,
-                          ess_threshold=args.ess_threshold, finished=args.finished, selection=args.selection,
-                          annealing=args.annealing, iterations=args.iterations, temperatures=tuple(args.temperatures),
-                          beam_width=min(args.beam_width, n))
-    return Request(prompt=prompt, sampling=sampling, search=search)
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=seed,
+                          max_steps=args.max_steps, max_step_tokens=args.max_step_tokens, max_tokens=args.max_tokens,
+                          step_delimiter=NO_DELIMITER if fixed else args.step_delimiter, stop_on_eos=not fixed)
+
+
+def make_search(args: argparse.Namespace, method: str, budget: int) -> SearchParams:
+    return SearchParams(method=method, n_particles=budget, aggregation=args.aggregation, resampling=args.resampling,
+                        weight_temperature=args.weight_temperature, ess_threshold=args.ess_threshold,
+                        finished=args.finished, selection=args.selection, annealing=args.annealing,
+                        iterations=args.iterations, temperatures=tuple(args.temperatures),
+                        beam_width=min(args.beam_width, budget))
 
 
 def _progress(total: int | None, desc: str, unit: str, disable: bool):
@@ -426,8 +504,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """A preset of ``eval`` on the bundled toy task, after one traced PF run."""
     from pfengine.eval.dataset import read_problems
     from pfengine.toy import demo
-    from pfengine.toy.pf import PRM, VALUE_HEAD
-    from pfengine.toy.task import heldout_set
+    from pfengine.toy.pf import PRM, VALUE_HEAD, pf_request
+    from pfengine.toy.task import extract_answer, heldout_set
 
     out = Path(args.out)
     problems = heldout_set(args.problems)
@@ -437,7 +515,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     engine = make_engine(eval_args)
     print(f"Sampling temperature {args.temperature}\n")
     traced = demo.hard_problem(engine, problems[:50], args.particles, args.seed, args.temperature)
-    demo.trace_one(engine, traced, budget=args.particles, seed=args.seed, temperature=args.temperature)
+    request = pf_request(traced, args.particles, args.seed, args.temperature)
+    result = demo.trace_one(engine, request, traced)
+    _write_genealogy(args.trace_html or args.out, result, request, engine,
+                     grade=lambda text: extract_answer(text) == traced.answer)
     if args.no_eval:
         return 0
     path = demo.export(problems, Path(eval_args.data))
@@ -478,11 +559,12 @@ def run_eval(args: argparse.Namespace, engine: Engine, problems: list[Problem]) 
 def eval_settings(args: argparse.Namespace, engine: Engine, chat: bool) -> dict:
     """Everything that decides an evaluation's results but its methods, budgets and problem count:
     a rerun resumes only under the same settings."""
-    template = make_request(args, "", args.seed, SearchParams().method, 1)
-    search = {k: v for k, v in asdict(template.search).items() if k not in ("method", "n_particles", "beam_width")}
+    search = asdict(make_search(args, SearchParams().method, 1))
+    for varying in ("method", "n_particles", "beam_width"):
+        del search[varying]
     return {"data": str(Path(args.data).resolve()), "model": engine.config.model, "prm": engine.config.prm,
             "chat": chat, "system_prompt": args.system_prompt, "beam_width": args.beam_width,
-            "sampling": asdict(template.sampling), "search": search}
+            "sampling": asdict(make_sampling(args, args.seed)), "search": search}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -493,10 +575,76 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = run_with_progress(engine, request, disable=args.no_progress)
     seconds = time.perf_counter() - start
     if args.json:
-        print(json.dumps(asdict(result) | {"seconds": seconds, "engine": engine.stats()}, indent=1))
+        print(json.dumps(asdict(result) | {"seconds": seconds, "engine": engine.stats(), "prompt": request.prompt,
+                                           "search": asdict(request.search)}, indent=1))
     else:
         print_result(result, engine.stats(), seconds)
+    if args.trace_html:
+        _write_genealogy(args.trace_html, result, request, engine)
     return 0
+
+
+def _write_genealogy(out_dir: str, result: PFResult, request: Request, engine: Engine,
+                     grade: Callable[[str], bool] | None = None) -> None:
+    from pfengine import genealogy
+
+    paths = genealogy.write_result(result, request, engine.detokenize, out_dir, grade=grade)
+    note = "" if len(paths) > 1 else " (no PNG: it needs matplotlib, pip install 'pfengine[viz]')"
+    print(f"Genealogy: {', '.join(map(str, paths))}{note}", file=sys.stderr)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from pfengine import genealogy
+
+    if (args.prompt is None) == (args.result is None):
+        raise ValueError("give --prompt (run a request) or --result FILE (draw a saved one), not both")
+    if not args.no_png and not genealogy.can_draw_png():
+        raise ValueError("the PNG needs matplotlib: pip install 'pfengine[viz]', or pass --no-png")
+    grade = genealogy.grader(args.reference) if args.reference is not None else None
+    if args.result is not None:
+        unused = _options_set(args, "trace", keep={"result", "model", "reference", "out", "name", "no_png"})
+        if unused:
+            raise ValueError(f"--result draws a saved run; {', '.join(unused)} would not be used")
+        run = genealogy.from_json(_read_json(args.result), args.result, grade)
+        detokenize = _tokenizer_decode(args.model)
+    else:
+        engine = make_engine(args)
+        text = sys.stdin.read() if args.prompt == "-" else args.prompt
+        request = make_request(args, make_prompt(engine, args, text))
+        result = run_with_progress(engine, request, disable=args.no_progress)
+        run = genealogy.from_result(result, request.search, request.prompt, grade)
+        detokenize = engine.detokenize
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        saved = asdict(result) | {"prompt": request.prompt, "search": asdict(request.search)}
+        (out / f"{args.name}.json").write_text(json.dumps(saved))
+    paths = genealogy.write(run, detokenize, args.out, args.name, png=not args.no_png)
+    print(f"{run.verdict}\nWrote {', '.join(map(str, paths))}")
+    return 0
+
+
+def _options_set(args: argparse.Namespace, command: str, keep: set[str]) -> list[str]:
+    """The options outside ``keep`` given a value other than their default, as --flags."""
+    defaults = vars(build_parser().parse_args([command]))
+    return [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+            if name not in keep and value != defaults.get(name)]
+
+
+def _read_json(path: str) -> object:
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"--result {path}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--result {path}: not JSON ({e})") from None
+
+
+def _tokenizer_decode(model: str | None) -> Callable[[list[int]], str]:
+    from pfengine.model.tokenizer import load_tokenizer
+    from pfengine.toy.pf import POLICY
+
+    tokenizer = load_tokenizer(model or str(POLICY))
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def ending(finish_reason: str) -> str:
@@ -529,12 +677,23 @@ def print_result(result: PFResult, stats: dict[str, int], seconds: float) -> Non
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pfengine.server import serve
+    from pfengine.http_gate import GateConfig
+    from pfengine.server import ServerConfig, serve
 
+    for flag in ("max_body_bytes", "max_completions"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key must not be empty")
     engine = make_engine(args)
-    print(f"pfengine: serving {args.served_model_name or engine.config.model} on http://{args.host}:{args.port}/v1",
-          file=sys.stderr)
-    serve(engine, host=args.host, port=args.port, served_model_name=args.served_model_name, log_level=args.log_level)
+    config = ServerConfig(served_model_name=args.served_model_name,
+                          gate=GateConfig(api_key=args.api_key, allowed_hosts=args.allowed_hosts,
+                                          max_body_bytes=args.max_body_bytes),
+                          max_completions=args.max_completions, enable_docs=args.enable_docs)
+    name = args.served_model_name or Path(engine.config.model).name
+    print(f"pfengine: serving {name} on http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if args.api_key else ''}", file=sys.stderr)
+    serve(engine, host=args.host, port=args.port, config=config, log_level=args.log_level)
     return 0
 
 

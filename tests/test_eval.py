@@ -186,7 +186,7 @@ def test_eval_records_a_failed_request_and_retries_it(tmp_path, capsys, policy_d
     first = lines(tmp_path / "out")
     failed = [r for r in first if "error" in r]
     assert len(first) == 2 and [r["unique_id"] for r in failed] == ["long"]
-    assert "does not fit max_model_len=64" in failed[0]["error"] and "errors" in capsys.readouterr().out
+    assert "does not fit" in failed[0]["error"] and "max_model_len=64" in failed[0]["error"] and "errors" in capsys.readouterr().out
     assert main(argv) == 0
     assert [r["unique_id"] for r in lines(tmp_path / "out")[2:]] == ["long"]  # only the failure reran
 
@@ -194,7 +194,7 @@ def test_eval_records_a_failed_request_and_retries_it(tmp_path, capsys, policy_d
 @pytest.mark.parametrize("argv, message", [
     (["eval", "missing.jsonl"], "missing.jsonl: no such file"),
     (["eval", "{data}", "--method", "beam_search", "--budgets", "6", "--beam-width", "4"],
-     "beam_search: n_particles (6) must be a multiple of beam_width (4)"),
+     "--budgets: beam_search needs a multiple of --beam-width (4), got 6"),
 ])
 def test_eval_errors_are_readable(tmp_path, capsys, policy_dir, value_head_file, argv, message):
     data = write_problems([Problem("Step 1: add 1 and 2.", "3", "a")], tmp_path / "d.jsonl")

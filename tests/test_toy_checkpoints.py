@@ -66,7 +66,8 @@ def test_eval_on_the_toy_set_reproduces_direct_engine_runs(tmp_path):
 @pytest.mark.slow
 def test_demo_traces_one_run_and_evaluates_through_eval(tmp_path, capsys):
     """`pfengine demo` on the bundled model, shrunk: the traced run, then every method at one budget
-    through `pfengine eval` (the command is printed), with its JSON lines, summary and plot."""
+    through `pfengine eval` (the command is printed), with its JSON lines, summary and plot, and the
+    traced run's genealogy."""
     assert main(["demo", "--problems", "3", "--budgets", "2", "--particles", "4", "--out", str(tmp_path),
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -78,3 +79,4 @@ def test_demo_traces_one_run_and_evaluates_through_eval(tmp_path, capsys):
     assert all(label(m) in table for m in demo.METHODS)
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3 * len(demo.METHODS)
     assert (tmp_path / "accuracy_vs_budget.png").stat().st_size > 0
+    assert "pf-data" in (tmp_path / "trace.html").read_text() and (tmp_path / "trace.png").stat().st_size > 0

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from pfengine.kernels.linear import linear_ref
+from pfengine.kernels.linear import Weight, linear, prepare
 from pfengine.kernels import cdiv, lazy_jit, next_pow2, profiled, use_triton
 
 tl = None  # triton.language, bound by lazy_jit when a kernel is first launched
@@ -23,6 +23,11 @@ class PRMHead:
     b1: torch.Tensor
     w2: torch.Tensor
     b2: torch.Tensor
+    w1_prepared: Weight = field(init=False, repr=False)
+    """``w1`` in the form the row-invariant CPU linear wants, prepared once."""
+
+    def __post_init__(self) -> None:
+        self.w1_prepared = prepare(self.w1.float())
 
 
 def initial_running(n: int, aggregation: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -50,10 +55,14 @@ def score_particles_ref(hidden: torch.Tensor, head: PRMHead, running: torch.Tens
 
 
 def head_logit(hidden: torch.Tensor, head: PRMHead) -> torch.Tensor:
-    """logit(p_correct) = l1 - l0, clipped as the paper clips p to [1e-7, 1 - 1e-7]."""
-    h = torch.relu(linear_ref(hidden.float(), head.w1, head.b1))
-    logits = linear_ref(h, head.w2, head.b2)
-    return (logits[:, 1] - logits[:, 0]).clamp(-LOGIT_CLIP, LOGIT_CLIP)
+    """logit(p_correct) = l1 - l0, clipped as the paper clips p to [1e-7, 1 - 1e-7].
+
+    Row-invariant (a particle's score does not depend on the batch it is scored in): the H x H
+    layer is the row-invariant linear, and the two output logits are per-row dot products (BLAS
+    rounds a 2-column GEMM differently for different row counts)."""
+    h = torch.relu(linear(hidden.float(), head.w1_prepared, head.b1))
+    l0, l1 = ((h * head.w2[k]).sum(-1) + head.b2[k] for k in (0, 1))
+    return (l1 - l0).clamp(-LOGIT_CLIP, LOGIT_CLIP)
 
 
 def weigh(step_logit: torch.Tensor, running: torch.Tensor, scored: torch.Tensor, seg_starts: torch.Tensor,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from pfengine.config import Request
 from pfengine.engine import Engine
 from pfengine.eval.dataset import Problem as EvalProblem
 from pfengine.eval.dataset import write_problems
@@ -50,10 +51,10 @@ def hard_problem(engine: Engine, problems: list[Problem], budget: int, seed: int
     return next(resampled, wrong[0] if wrong else problems[0])
 
 
-def trace_one(engine: Engine, problem: Problem, budget: int, seed: int, temperature: float) -> PFResult:
-    """One PF run, round by round: each particle's newest step, its score and weight, and which
-    particles the next round's particles were forked from."""
-    result = engine.generate([pf_request(problem, budget, seed, temperature)])[0]
+def trace_one(engine: Engine, request: Request, problem: Problem) -> PFResult:
+    """One PF run of ``problem``, round by round: each particle's newest step, its score and weight,
+    and which particles the next round's particles were forked from."""
+    result = engine.generate([request])[0]
     print(f"Problem: {problem.text}   (answer {problem.answer})\n")
     for k, tr in enumerate(result.trace):
         print(f"Round {k + 1}  (ESS {tr.ess:.2f} of {len(tr.tokens)})")
