@@ -552,7 +552,8 @@ def run_eval(args: argparse.Namespace, engine: Engine, problems: list[Problem]) 
         print(paths[1].read_text())
     else:
         print(report.markdown(rows))
-        print(f"\nWrote {out / runner.RESULTS}, " + ", ".join(str(p) for p in paths))
+        note = "" if len(paths) > 2 else " (no plot: it needs matplotlib, pip install 'pfengine[viz]')"
+        print(f"\nWrote {out / runner.RESULTS}, " + ", ".join(str(p) for p in paths) + note)
     return 0
 
 

@@ -1,5 +1,6 @@
 """``pfengine eval``: problem sets, grading with math-verify (checked on the datasets' own reference
 answers), Wilson intervals, and batched, resumable runs written as JSON lines."""
+import importlib.util
 import json
 from pathlib import Path
 
@@ -131,6 +132,16 @@ def test_summary_counts_each_batch_once_and_failures_as_wrong(tmp_path):
     assert json.loads(paths[1].read_text())[0]["accuracy"] == 0.5 and paths[2].stat().st_size > 0
 
 
+def test_without_matplotlib_the_summary_is_written_without_the_plot(tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "matplotlib" else find_spec(name, *args))
+    record = dict(method="greedy", budget=1, generated_tokens=5, correct=True, batch="a", elapsed_s=1.0)
+    rows = report.summarise([record], [("greedy", 1)])
+    assert [p.name for p in report.write(rows, tmp_path, "t")] == ["summary.md", "summary.json"]
+    assert not (tmp_path / "accuracy_vs_budget.png").exists()
+
+
 def test_a_results_file_cut_mid_line_resumes(tmp_path):
     line = json.dumps({"unique_id": "1", "method": "greedy", "budget": 1})
     path = tmp_path / "results.jsonl"
@@ -186,7 +197,8 @@ def test_eval_records_a_failed_request_and_retries_it(tmp_path, capsys, policy_d
     first = lines(tmp_path / "out")
     failed = [r for r in first if "error" in r]
     assert len(first) == 2 and [r["unique_id"] for r in failed] == ["long"]
-    assert "does not fit" in failed[0]["error"] and "max_model_len=64" in failed[0]["error"] and "errors" in capsys.readouterr().out
+    assert "does not fit" in failed[0]["error"] and "max_model_len=64" in failed[0]["error"]
+    assert "errors" in capsys.readouterr().out
     assert main(argv) == 0
     assert [r["unique_id"] for r in lines(tmp_path / "out")[2:]] == ["long"]  # only the failure reran
 

@@ -2,6 +2,7 @@
 tokens per second and wall time, as Markdown, JSON and an accuracy-vs-budget plot."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from collections import defaultdict
@@ -109,11 +110,14 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
 
 
 def write(rows: list[Row], out: Path, title: str) -> list[Path]:
-    """``summary.md``, ``summary.json`` and ``accuracy_vs_budget.png`` in ``out``."""
+    """``summary.md``, ``summary.json`` and (with matplotlib, ``pip install 'pfengine[viz]'``)
+    ``accuracy_vs_budget.png`` in ``out``; the paths written."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "summary.md", out / "summary.json", out / "accuracy_vs_budget.png"]
+    paths = [out / "summary.md", out / "summary.json"]
     paths[0].write_text(markdown(rows) + "\n")
     paths[1].write_text(json.dumps([asdict(r) | {"accuracy": r.accuracy, "tokens_per_s": r.tokens_per_second}
                                     for r in rows], indent=1))
-    plot(rows, paths[2], title)
+    if importlib.util.find_spec("matplotlib") is not None:
+        paths.append(out / "accuracy_vs_budget.png")
+        plot(rows, paths[2], title)
     return paths
