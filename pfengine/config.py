@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
-
-KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_DTYPES = ("float32", "bfloat16", "float16")
+"""Storage types of the KV cache, as torch dtype names (this module stays torch-free, so the command
+line's help and argument errors do not wait for torch to import)."""
 AGGREGATIONS = ("model", "last", "prod", "min")
 RESAMPLING = ("systematic", "stratified", "multinomial", "residual")
 METHODS = ("particle_filter", "particle_gibbs", "parallel_tempering", "greedy", "best_of_n",

@@ -19,7 +19,7 @@ import torch
 from torch.profiler import record_function
 
 from pfengine.cache.block_manager import BlockManager
-from pfengine.config import AGGREGATIONS, KV_DTYPES, EngineConfig, InvalidArgument, Request, require
+from pfengine.config import AGGREGATIONS, EngineConfig, InvalidArgument, Request, require
 from pfengine.model.checkpoint import PRM_ARCHITECTURES, CheckpointError, read_config
 from pfengine.model.decoder import load_decoder
 from pfengine.model.tokenizer import check_same_tokenizer, eos_ids, load_tokenizer
@@ -54,7 +54,7 @@ class Engine:
 
     def _runner(self, path: str) -> ModelRunner:
         c = self.config
-        decoder = load_decoder(path, c.num_blocks, c.block_size, KV_DTYPES[c.kv_dtype], self.max_len, c.device)
+        decoder = load_decoder(path, c.num_blocks, c.block_size, getattr(torch, c.kv_dtype), self.max_len, c.device)
         max_blocks = (self.max_len + c.block_size - 1) // c.block_size
         return ModelRunner(decoder, BlockManager(c.num_blocks, c.block_size, c.max_particles, max_blocks, c.device))
 
@@ -379,12 +379,15 @@ class Engine:
         p.step_text += text
         tail = p.step_text[-(len(text) + len(sp.step_delimiter) - 1):] if text else ""
         step_len = len(p.tokens) - p.step_starts[-1]
-        limit = min(sp.max_tokens, self.max_len - len(r.prompt_ids) - sp.max_steps)
-        if (sp.stop_on_eos and token in self.eos_ids) or len(p.tokens) >= limit:
-            p.finished = True
+        context = self.max_len - len(r.prompt_ids) - sp.max_steps
+        if sp.stop_on_eos and token in self.eos_ids:
+            p.finish_reason = "eos"
+        elif len(p.tokens) >= min(sp.max_tokens, context):
+            p.finish_reason = "max_tokens" if sp.max_tokens <= context else "max_model_len"
         if p.finished or sp.step_delimiter in tail or step_len >= sp.max_step_tokens:
             p.step_done = True
-            p.finished = p.finished or len(p.step_starts) >= sp.max_steps
+            if not p.finished and len(p.step_starts) >= sp.max_steps:
+                p.finish_reason = "max_steps"
 
     def _decode_token(self, token: int) -> str:
         text = self._token_text.get(token)

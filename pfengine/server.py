@@ -13,8 +13,9 @@ Every :class:`~pfengine.config.SearchParams` field is accepted (``particles`` is
 ``n_particles``), plus the step options ``max_steps``, ``max_step_tokens``, ``step_delimiter``,
 ``top_k``, ``stop_on_eos``, and ``reference_answer`` and ``return_particles`` (default true).
 Choice 0 is the chosen answer (with ``n > 1`` the next choices are the other candidates by weight) and
-the response carries ``"pfengine": {"method", "best", "particles": [{text, weight, score, ...}],
-"stats", ...}``.
+the response carries ``"pfengine": {"method", "best", "answer", "particles": [{text, weight, score,
+finish_reason, answer, ...}], "stats", ...}``; ``answer`` is the chosen particle's extracted answer
+(the last ``\\boxed{}``, else the last number), the text is choice 0.
 
 ``stream: true`` sends OpenAI SSE chunks and ``data: [DONE]``. A plain request streams each choice's
 text as its steps finish. A search request sends one chunk per finished round: its ``delta`` holds
@@ -286,13 +287,14 @@ def _choices(engine: Engine, job: Job, result: PFResult) -> list[tuple[str, str,
 
 
 def _extension(job: Job, result: PFResult) -> dict:
-    ext: dict[str, Any] = {"method": result.method, "best": result.best, "stats": asdict(result.stats),
-                           "rounds": len(result.trace)}
+    ext: dict[str, Any] = {"method": result.method, "best": result.best, "answer": result.answer,
+                           "stats": asdict(result.stats), "rounds": len(result.trace)}
     if result.expected_accuracy is not None:
         ext["expected_accuracy"] = result.expected_accuracy
     if job.return_particles:
-        ext["particles"] = [{"index": i, "text": p.text, "weight": p.weight, "score": p.score, "finished": p.finished,
-                             "answer": p.answer, "steps": p.steps, "num_tokens": len(p.token_ids)}
+        ext["particles"] = [{"index": i, "text": p.text, "weight": p.weight, "score": p.score,
+                             "finish_reason": p.finish_reason, "answer": p.answer, "steps": p.steps,
+                             "num_tokens": len(p.token_ids)}
                             for i, p in enumerate(result.particles)]
     return ext
 
@@ -600,7 +602,7 @@ async def _sse(engine: Engine, events: AsyncIterator[Event], first: asyncio.Futu
                         log.warning("streamed text of choice %d is not a prefix of the final text", j)
                     deltas[j], finish[j] = text[len(sent[j]):] if text.startswith(sent[j]) else "", reason
                     sent[j] = text
-                ext = None if job.plain else _extension(job, result) | {"answer": sent[0]}
+                ext = None if job.plain else _extension(job, result) | {"text": sent[0]}
                 yield chunk(deltas, finish, ext=ext)
                 if include_usage:
                     yield chunk({}, usage=_usage([job], [result]))

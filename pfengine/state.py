@@ -7,6 +7,11 @@ import torch
 
 from pfengine.config import Request, SearchParams
 
+FINISH_REASONS = ("eos", "max_steps", "max_tokens", "max_model_len")
+"""Why a particle ended: it sampled end-of-text (``eos``: the model finished its solution), or a
+limit cut it off: ``SamplingParams.max_steps``, ``SamplingParams.max_tokens``, or the context
+(``max_model_len``, less room for the PRM's step tags)."""
+
 
 @dataclass
 class Particle:
@@ -17,7 +22,8 @@ class Particle:
     step_text: str = ""
     """Per-token decoded text of the current step, for delimiter detection."""
     step_done: bool = False
-    finished: bool = False
+    finish_reason: str | None = None
+    """Why the particle stopped growing (one of ``FINISH_REASONS``); None while it grows."""
     frozen: bool = False
     """Finished and scored: keeps its weight, never extended again."""
     held: bool = False
@@ -34,6 +40,10 @@ class Particle:
     """Hidden state at each step end (kept for particle Gibbs references: their copies continue
     from any step without a forward pass)."""
 
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
     def copy(self) -> Particle:
         return replace(self, tokens=list(self.tokens), step_starts=list(self.step_starts),
                        step_running=list(self.step_running), step_hidden=list(self.step_hidden))
@@ -47,7 +57,8 @@ class Particle:
         n_steps = min(n_steps, len(self.step_starts))
         end = self.step_starts[n_steps] if n_steps < len(self.step_starts) else len(self.tokens)
         return Particle(tokens=self.tokens[:end], step_starts=self.step_starts[:max(n_steps, 1)],
-                        step_done=True, finished=self.finished and n_steps == len(self.step_starts),
+                        step_done=True,
+                        finish_reason=self.finish_reason if n_steps == len(self.step_starts) else None,
                         step_running=self.step_running[:n_steps], step_hidden=self.step_hidden[:n_steps])
 
 
@@ -87,15 +98,23 @@ class ParticleResult:
     """Normalised selection weight (PF: softmax of tempered log-weights)."""
     score: float
     """Aggregated PRM probability r."""
-    finished: bool
+    finish_reason: str
+    """``eos`` (the model ended its solution) or the limit that cut it off (see ``FINISH_REASONS``)."""
     answer: str | None
-    """Canonical extracted answer (``\\boxed{}`` or last number)."""
+    """Canonical extracted answer (the last ``\\boxed{}``, else the last number); None if it has none."""
+
+    @property
+    def cut_off(self) -> bool:
+        """Stopped by a limit rather than by the model."""
+        return self.finish_reason != "eos"
 
 
 @dataclass
 class PFResult:
-    answer: str
-    """The chosen particle's text."""
+    answer: str | None
+    """The chosen particle's extracted, canonical answer (``particles[best].answer``)."""
+    text: str
+    """The chosen particle's whole text."""
     best: int
     particles: list[ParticleResult]
     trace: list[StepTrace]

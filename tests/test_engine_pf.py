@@ -2,6 +2,7 @@
 import pytest
 
 from pfengine import Engine, EngineConfig, SearchParams, Request, SamplingParams
+from pfengine.search.answers import extract_answer
 
 
 def request(seed: int = 0, n: int = 8, **sampling) -> Request:
@@ -63,9 +64,28 @@ def test_finished_particles_stay_frozen(policy_dir):
                 finished_at[t] = k
     assert finished_at, "no particle finished early; the test needs EOS to happen"
     assert any(k < len(result.trace) - 1 for k in finished_at.values())
-    for p in result.particles:
-        assert p.finished
-        assert p.token_ids[-1] in engine.eos_ids or len(p.steps) == 6
+    for p in result.particles:  # each particle says why it ended: end-of-text, or cut off by the step budget
+        ended = p.token_ids[-1] in engine.eos_ids
+        assert p.finish_reason == ("eos" if ended else "max_steps") and p.cut_off == (not ended)
+        assert ended or len(p.steps) == 6
+
+
+def test_particles_say_which_limit_cut_them_off(policy_dir):
+    """With EOS impossible, every particle ends at a limit, and says which: the step budget, the
+    token budget, or the context (less the PRM's step-tag room)."""
+    def ended(engine: Engine, **sampling) -> set[tuple[str, int]]:
+        engine.eos_ids = frozenset()
+        result = engine.generate([request(n=2, max_step_tokens=4, **sampling)])[0]
+        assert all(p.cut_off for p in result.particles)
+        return {(p.finish_reason, len(p.token_ids)) for p in result.particles}
+
+    config = dict(model=policy_dir, num_blocks=256, block_size=8)
+    prm = lambda prompt, steps: 0.5  # noqa: E731
+    assert ended(Engine(EngineConfig(**config), prm_fn=prm), max_steps=3) == {("max_steps", 12)}
+    assert ended(Engine(EngineConfig(**config), prm_fn=prm), max_steps=10, max_tokens=6) == {("max_tokens", 6)}
+    prompt = len(Engine(EngineConfig(**config)).tokenizer.encode("Step 1: add 17 and 25."))
+    short = Engine(EngineConfig(**config, max_model_len=prompt + 10 + 7), prm_fn=prm)
+    assert ended(short, max_steps=10) == {("max_model_len", 7)}
 
 
 def test_seeded_runs_repeat_exactly_alone_or_batched(policy_dir):
@@ -89,7 +109,8 @@ def test_many_requests_share_the_cache_and_finish_clean(policy_dir, value_head_f
     for r, req in zip(results, reqs):
         assert len(r.particles) == req.search.n_particles
         assert sum(p.weight for p in r.particles) == pytest.approx(1.0, abs=1e-5)
-        assert r.answer == r.particles[r.best].text
+        assert r.text == r.particles[r.best].text and r.answer == r.particles[r.best].answer
+        assert r.answer == extract_answer(r.text)
         assert r.best == max(range(len(r.particles)), key=lambda i: r.particles[i].weight)
     assert engine.stats()["policy_blocks_in_use"] == 0
     engine.policy.blocks.check_invariants()

@@ -80,7 +80,7 @@ def pfengine_selected(seed: int) -> str:
         for i, p in enumerate(r.particles):
             if not p.finished:
                 paths[i].append(rng.choices(STEPS, PROBS)[0])
-                p.finished = len(paths[i]) >= N_STEPS
+                p.finish_reason = "max_steps" if len(paths[i]) >= N_STEPS else None
                 s = min(max(prm_score(paths[i]), 1e-7), 1 - 1e-7)
                 step_logit[i] = float(np.clip(np.log(s / (1 - s)), -LOGIT_CLIP, LOGIT_CLIP))
         r.running, r.log_w, _ = weigh(step_logit, r.running, scored, seg, "model", 1.0)

@@ -14,7 +14,9 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from pfengine import Engine, EngineConfig, Request, SamplingParams, SearchParams  # noqa: E402
+from pfengine.search.answers import extract_answer  # noqa: E402
 from pfengine.server import ServerConfig, create_app  # noqa: E402
+from pfengine.state import FINISH_REASONS  # noqa: E402
 
 MODEL = "tiny-pf"
 PF = {"method": "particle_filter", "particles": 4, "max_steps": 3, "max_step_tokens": 5}
@@ -186,7 +188,11 @@ def test_search_stream_sends_rounds_then_the_answer(client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer
     last = chunks[-1]
     assert last.choices[0].finish_reason in ("stop", "length")
-    assert last.model_extra["pfengine"]["answer"] == answer and len(last.model_extra["pfengine"]["particles"]) == 4
+    ext = last.model_extra["pfengine"]
+    assert ext["text"] == answer and len(ext["particles"]) == 4
+    # "answer" is the extracted answer of the chosen particle, not its text
+    assert ext["answer"] == extract_answer(answer) == ext["particles"][ext["best"]]["answer"]
+    assert all(p["finish_reason"] in FINISH_REASONS for p in ext["particles"])
 
 
 @pytest.mark.parametrize("kwargs, status, field", [
@@ -293,7 +299,7 @@ def test_concurrent_requests_are_isolated(base_url, engine):
         ext = r["pfengine"]
         assert ext["method"] == method
         assert [p["text"] for p in ext["particles"]] == [p.text for p in ref.particles], k
-        assert r["choices"][0]["text"] == ref.answer
+        assert r["choices"][0]["text"] == ref.text and ext["answer"] == ref.answer
         assert r["usage"]["completion_tokens"] == ref.stats.generated_tokens
 
 

@@ -41,15 +41,16 @@ def candidates(r: RequestState) -> tuple[list[Particle], torch.Tensor, torch.Ten
 
 def build(r: RequestState, decode: Callable[[list[int]], str]) -> PFResult:
     particles, probs, weights = candidates(r)
+    assert all(p.finished for p in particles), "results.build: a candidate is still growing"
     texts = [decode(p.tokens) for p in particles]
     answers = [extract_answer(t) for t in texts]
     how = SELECTION.get(r.search.method, r.search.selection)
     best = select(weights.tolist(), answers, how, r.generator)
     results = [ParticleResult(text=t, token_ids=list(p.tokens), steps=[decode(s) for s in p.steps()],
                               step_starts=list(p.step_starts), weight=float(w), score=float(pr),
-                              finished=p.finished, answer=a)
+                              finish_reason=p.finish_reason, answer=a)
                for p, t, w, pr, a in zip(particles, texts, weights, probs, answers)]
     accuracy = (expected_accuracy(weights.tolist(), answers, r.request.reference_answer)
                 if r.request.reference_answer is not None else None)
-    return PFResult(answer=texts[best], best=best, particles=results, trace=r.trace, stats=r.stats,
+    return PFResult(answer=answers[best], text=texts[best], best=best, particles=results, trace=r.trace, stats=r.stats,
                     method=r.search.method, expected_accuracy=accuracy)
