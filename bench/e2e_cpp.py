@@ -102,10 +102,10 @@ def main() -> None:
     path = model_dir()
     engine = Engine(EngineConfig(model=str(path), prm=str(path / "value_head.safetensors"), num_blocks=2048,
                                  block_size=16, kv_dtype=args.kv_dtype, max_particles=args.particles + 8))
-    from pfengine import _cpp
+    from pfengine.kernels import cpu_isa
 
     print(f"model {path.name}: {sum(p.numel() for p in [engine.policy.decoder.embed]) / 1e6:.1f}M embedding "
-          f"params; C++ extension ({_cpp.isa()}); {torch.get_num_threads()} threads; kv {args.kv_dtype}")
+          f"params; C++ extension ({cpu_isa()} code); {torch.get_num_threads()} threads; kv {args.kv_dtype}")
     run(engine, 4, "cpp", [])  # warm-up: allocator, caches
     run(engine, 4, "ref", [])
     if args.profile:

@@ -6,9 +6,9 @@
 // Softmax is online (per block: block max, rescale, exp, accumulate P V) with fp32 accumulation for
 // fp32, bf16 and fp16 cache storage. Tasks run on torch's intra-op threads (at::parallel_for).
 //
-// Two code paths: AVX2 + FMA + F16C intrinsics (compiled with a function-level target attribute and
-// picked at run time, so the extension still loads on CPUs without AVX2) when the head dim is a
-// multiple of 8, and portable scalar C++ otherwise.
+// Two code paths: AVX2 + FMA + F16C intrinsics (compiled with a function-level target attribute, so the
+// extension still loads on CPUs without AVX2) when the caller's instruction set is avx2 or avx512 and
+// the head dim is a multiple of 8, and portable scalar C++ otherwise.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -16,7 +16,6 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -33,8 +32,6 @@ namespace pfengine {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-std::atomic<bool> g_force_generic{false};  // tests: run the portable path on an AVX2 machine
 
 template <KvType KT>
 struct Storage;
@@ -329,18 +326,6 @@ PF_AVX2 void block_avx2(const HeadBlock<typename Storage<KT>::T>& hb, int64_t G,
   });
 }
 
-bool cpu_has_avx2() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  return ok;
-}
-
-#else
-
-bool cpu_has_avx2() { return false; }
-
 #endif  // PF_X86
 
 // Kv heads [h0, h1) of particle n: for each block of its context, each kv head in turn.
@@ -404,7 +389,7 @@ void run_tasks(const AttentionArgs& a) {
 
 template <KvType KT>
 void run(const AttentionArgs& a) {
-  if (cpu_has_avx2() && a.d % 8 == 0 && !g_force_generic.load(std::memory_order_relaxed)) {
+  if (a.isa >= Isa::avx2 && a.d % 8 == 0) {
 #ifdef PF_X86
     run_tasks<KT, true>(a);
     return;
@@ -422,11 +407,5 @@ void paged_decode_attention(const AttentionArgs& a) {
     case KvType::f16: run<KvType::f16>(a); break;
   }
 }
-
-const char* attention_isa() {
-  return cpu_has_avx2() && !g_force_generic.load(std::memory_order_relaxed) ? "avx2" : "generic";
-}
-
-void attention_force_generic(bool on) { g_force_generic.store(on, std::memory_order_relaxed); }
 
 }  // namespace pfengine
