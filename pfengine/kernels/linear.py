@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pfengine.kernels import cpp_ops, cpu_isa, use_cpp
+from pfengine.kernels import cpp_ops, cpu_isa, profiled, use_cpp
 
 MIN_ROWS = 12
 
@@ -48,7 +48,8 @@ def prepare(weight: torch.Tensor) -> Weight:
 
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     if weight.packed is not None:
-        return cpp_ops().packed_linear(x, weight.packed, weight.out_features, bias, weight.isa)
+        with profiled("linear"):
+            return cpp_ops().packed_linear(x, weight.packed, weight.out_features, bias, weight.isa)
     return linear_ref(x, weight.tensor, bias)
 
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from pfengine.kernels.linear import linear_ref
+from pfengine.kernels.linear import Weight, linear, prepare
 from pfengine.kernels import cdiv, lazy_jit, next_pow2, profiled, use_triton
 
 tl = None  # triton.language, bound by lazy_jit when a kernel is first launched
@@ -17,12 +17,20 @@ LOGIT_CLIP = math.log((1 - P_CLIP) / P_CLIP)
 
 @dataclass
 class PRMHead:
-    """``Linear(H, H) -> ReLU -> Linear(H, 2)``; class 1 is "step is correct"."""
+    """``Linear(H, H) -> ReLU -> Linear(H, 2)``; class 1 is "step is correct". ``hidden_w`` and
+    ``out_w`` are ``w1`` and ``w2`` as the row-invariant linear layer takes them (packed at
+    construction on the C++ path): a particle's score must not depend on the rows scored with it,
+    nor on how many threads BLAS would have split the product over."""
 
     w1: torch.Tensor
     b1: torch.Tensor
     w2: torch.Tensor
     b2: torch.Tensor
+    hidden_w: Weight = field(init=False)
+    out_w: Weight = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.hidden_w, self.out_w = prepare(self.w1.float()), prepare(self.w2.float())
 
 
 def initial_running(n: int, aggregation: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -51,8 +59,8 @@ def score_particles_ref(hidden: torch.Tensor, head: PRMHead, running: torch.Tens
 
 def head_logit(hidden: torch.Tensor, head: PRMHead) -> torch.Tensor:
     """logit(p_correct) = l1 - l0, clipped as the paper clips p to [1e-7, 1 - 1e-7]."""
-    h = torch.relu(linear_ref(hidden.float(), head.w1, head.b1))
-    logits = linear_ref(h, head.w2, head.b2)
+    h = torch.relu(linear(hidden.float(), head.hidden_w, head.b1.float()))
+    logits = linear(h, head.out_w, head.b2.float())
     return (logits[:, 1] - logits[:, 0]).clamp(-LOGIT_CLIP, LOGIT_CLIP)
 
 
