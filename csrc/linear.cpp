@@ -49,12 +49,11 @@ struct Portable {
 }  // namespace
 }  // namespace pfengine
 
+#define PF_LINEAR_VEC Portable
+#define PF_LINEAR_KERNEL kLinearPortable
 #include "linear_tile.h"
 
 namespace pfengine {
-
-const LinearKernel kLinearPortable{Portable::kPanel, &linear_panels<Portable>};
-
 namespace {
 
 const LinearKernel& kernel(Isa isa) {

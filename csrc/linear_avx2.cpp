@@ -5,13 +5,7 @@
 #ifdef PF_X86_LINEAR
 #include <immintrin.h>
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
-
+PF_TARGET_BEGIN("avx2,fma")
 namespace pfengine {
 namespace {
 
@@ -34,16 +28,9 @@ struct Avx2 {
 }  // namespace
 }  // namespace pfengine
 
+#define PF_LINEAR_VEC Avx2
+#define PF_LINEAR_KERNEL kLinearAvx2
 #include "linear_tile.h"
-
-namespace pfengine {
-const LinearKernel kLinearAvx2{Avx2::kPanel, &linear_panels<Avx2>};
-}  // namespace pfengine
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+PF_TARGET_END
 
 #endif  // PF_X86_LINEAR

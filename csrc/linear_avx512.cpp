@@ -5,13 +5,7 @@
 #ifdef PF_X86_LINEAR
 #include <immintrin.h>
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-#endif
-
+PF_TARGET_BEGIN("avx512f")
 namespace pfengine {
 namespace {
 
@@ -31,16 +25,9 @@ struct Avx512 {
 }  // namespace
 }  // namespace pfengine
 
+#define PF_LINEAR_VEC Avx512
+#define PF_LINEAR_KERNEL kLinearAvx512
 #include "linear_tile.h"
-
-namespace pfengine {
-const LinearKernel kLinearAvx512{Avx512::kPanel, &linear_panels<Avx512>};
-}  // namespace pfengine
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+PF_TARGET_END
 
 #endif  // PF_X86_LINEAR

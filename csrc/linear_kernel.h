@@ -11,6 +11,17 @@
 #define PF_X86_LINEAR 1  // linear_avx2.cpp and linear_avx512.cpp define their kernels
 #endif
 
+// PF_TARGET_BEGIN("avx2,fma") ... PF_TARGET_END: every function defined in between (template
+// instantiations included) is compiled for that target, whatever the file's flags.
+#define PF_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define PF_TARGET_BEGIN(isa) PF_PRAGMA(clang attribute push(__attribute__((target(isa))), apply_to = function))
+#define PF_TARGET_END PF_PRAGMA(clang attribute pop)
+#else
+#define PF_TARGET_BEGIN(isa) PF_PRAGMA(GCC push_options) PF_PRAGMA(GCC target(isa))
+#define PF_TARGET_END PF_PRAGMA(GCC pop_options)
+#endif
+
 namespace pfengine {
 
 struct LinearKernel {

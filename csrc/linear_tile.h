@@ -1,9 +1,10 @@
 // The register-tiled kernel of the row-invariant linear layer, written once over a vector type V and
 // compiled once per instruction set: linear_avx512.cpp and linear_avx2.cpp include this file inside a
-// target region (`#pragma GCC target`), linear.cpp outside any (portable). No include guard, and no
+// target region (PF_TARGET_BEGIN), linear.cpp outside any (portable). No include guard, and no
 // library calls: everything instantiated here must be compiled for the including file's target only
 // (an inline library function emitted with AVX-512 code here could be the copy the linker keeps for
 // the whole module), and templates live in an anonymous namespace, one copy per translation unit.
+// The including file defines PF_LINEAR_VEC (its V) and PF_LINEAR_KERNEL (the LinearKernel to define).
 //
 // V provides T (a vector of kLanes floats); kPanel, the output columns of a packed panel (a multiple
 // of kLanes); kRows, the most rows of a register tile (kRows * kPanel / kLanes accumulators plus
@@ -94,4 +95,7 @@ void linear_panels(const LinearArgs& a, int64_t p0, int64_t p1) {
 }
 
 }  // namespace
+
+const LinearKernel PF_LINEAR_KERNEL{PF_LINEAR_VEC::kPanel, &linear_panels<PF_LINEAR_VEC>};
+
 }  // namespace pfengine
