@@ -1,7 +1,9 @@
 """The machine next to the kernel microbenchmarks' tables: its instruction sets, fp32 GEMM GFLOP/s
 (torch and pfengine's linear kernel per instruction set) and memory copy GB/s, measured once before
-the benchmarks (not with ``--benchmark-disable``); printed above and below the tables and stored in
-pytest-benchmark's JSON (``machine_info["pfengine"]``)."""
+the benchmarks (not with ``--benchmark-disable``) with the benchmarks' own timer (e.g.
+``--benchmark-timer time.process_time``, with PFENGINE_BENCH_THREADS=1 the steady choice on a shared
+machine); printed above and below the tables and stored in pytest-benchmark's JSON
+(``machine_info["pfengine"]``)."""
 from __future__ import annotations
 
 import os
@@ -17,7 +19,10 @@ def _machine(config: pytest.Config) -> dict | None:
     if not _MACHINE:
         from bench.roofline import measure_machine
 
-        _MACHINE.update(measure_machine(int(os.environ.get("PFENGINE_BENCH_THREADS", "2"))))
+        from pytest_benchmark.utils import load_timer
+
+        clock = load_timer(config.getoption("benchmark_timer")).target  # option value: "time.process_time"
+        _MACHINE.update(measure_machine(int(os.environ.get("PFENGINE_BENCH_THREADS", "2")), clock=clock))
     return _MACHINE
 
 

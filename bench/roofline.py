@@ -40,18 +40,18 @@ def code_isa() -> str | None:
     return cpu_isa() if cpp_ops() is not None else None
 
 
-def _best_seconds(fn, repeats: int, calls: int = 1) -> float:
+def _best_seconds(fn, repeats: int, clock, calls: int = 1) -> float:
     fn()
     best = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clock()
         for _ in range(calls):
             fn()
-        best = min(best, (time.perf_counter() - t) / calls)
+        best = min(best, (clock() - t) / calls)
     return best
 
 
-def linear_gflops(isa: str, size: int = 1024, repeats: int = 3) -> float:
+def linear_gflops(isa: str, size: int = 1024, repeats: int = 3, clock=time.perf_counter) -> float:
     """GFLOP/s of pfengine's linear kernel for ``isa`` on a ``size``-cubed product (torch's threads)."""
     import torch
 
@@ -60,12 +60,13 @@ def linear_gflops(isa: str, size: int = 1024, repeats: int = 3) -> float:
     ops = cpp_ops()
     x, w = torch.randn(size, size), torch.randn(size, size)
     packed = ops.pack_linear(w, isa)
-    return 2 * size ** 3 / _best_seconds(lambda: ops.packed_linear(x, packed, size, None, isa), repeats) / 1e9
+    return 2 * size ** 3 / _best_seconds(lambda: ops.packed_linear(x, packed, size, None, isa), repeats, clock) / 1e9
 
 
-def measure_machine(threads: int = 2, repeats: int = 5) -> dict:
+def measure_machine(threads: int = 2, repeats: int = 5, clock=time.perf_counter) -> dict:
     """This CPU's instruction sets, torch's fp32 GEMM GFLOP/s, memory copy GB/s and, per instruction
-    set, the GEMM GFLOP/s of pfengine's linear kernel; ``threads`` torch threads."""
+    set, the GEMM GFLOP/s of pfengine's linear kernel; ``threads`` torch threads, times by ``clock``
+    (``time.process_time`` with one thread: the cost of the work whatever else runs)."""
     import torch
 
     from pfengine.kernels import cpp_ops
@@ -74,16 +75,16 @@ def measure_machine(threads: int = 2, repeats: int = 5) -> dict:
     torch.set_num_threads(threads)
     try:
         a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-        gflops = 2 * 1024 ** 3 / _best_seconds(lambda: torch.mm(a, b), repeats, calls=4) / 1e9
+        gflops = 2 * 1024 ** 3 / _best_seconds(lambda: torch.mm(a, b), repeats, clock, calls=4) / 1e9
         x = torch.empty(64 * 1024 * 1024 // 4 * 4)  # 256 MB
         y = torch.empty_like(x)
-        gbs = 2 * x.numel() * 4 / _best_seconds(lambda: y.copy_(x), repeats) / 1e9  # read + write
-        kernel = {isa: linear_gflops(isa) for isa in cpu_isas()} if cpp_ops() is not None else {}
+        gbs = 2 * x.numel() * 4 / _best_seconds(lambda: y.copy_(x), repeats, clock) / 1e9  # read + write
+        kernel = {isa: linear_gflops(isa, clock=clock) for isa in cpu_isas()} if cpp_ops() is not None else {}
     finally:
         torch.set_num_threads(old)
     return {"cpus": os.cpu_count(), "isas": cpu_isas(), "code_isa": code_isa(), "forced_isa": os.environ.get("PFENGINE_CPU_ISA") or None,
             "gemm_gflops": gflops, "mem_gbs": gbs, "linear_gflops": kernel, "threads": threads,
-            "reference": REFERENCE}
+            "clock": getattr(clock, "__name__", str(clock)), "reference": REFERENCE}
 
 
 def describe_machine(m: dict) -> str:
@@ -94,7 +95,7 @@ def describe_machine(m: dict) -> str:
     best = m["isas"][0] if m.get("isas") else "not recorded"
     return (f"CPU: {m.get('cpus', '?')} cores, best instruction set {best} (the C++ kernels run {runs} code"
             f"{', forced by PFENGINE_CPU_ISA' if m.get('forced_isa') else ''}); measured now with {m['threads']} "
-            f"threads: fp32 GEMM {m['gemm_gflops']:.0f} GFLOP/s (torch), memory copy {m['mem_gbs']:.1f} GB/s, "
+            f"thread(s){' in process CPU time' if m.get('clock') == 'process_time' else ''}: fp32 GEMM {m['gemm_gflops']:.0f} GFLOP/s (torch), memory copy {m['mem_gbs']:.1f} GB/s, "
             f"pfengine's linear kernel GEMM GFLOP/s by instruction set: {kernel or '—'}.")
 
 
