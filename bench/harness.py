@@ -216,12 +216,14 @@ def median_record(runs: list[dict]) -> dict:
 
 def decode_steps(records: dict, ck, base: Workload, ids, machine: dict) -> dict:
     """The median unprofiled decode step of each pfengine system at each N against the roofline
-    (:func:`bench.roofline.place`; the mean context of the run, as in the profile pass)."""
+    (:func:`bench.roofline.place`; the mean context of the run, as in the profile pass). With one
+    thread the machine was measured in process CPU time, and so is the step."""
     from bench.roofline import model_shape, place, step_cost
 
     shape = model_shape(ck.policy)
     ctx = statistics.mean(len(i) for i in ids) + base.steps * base.step_tokens / 2
-    return {name: {str(n): place(step_cost(shape, r["decode_batch"], ctx, lm_head=True), r["decode_step_s"], machine,
+    key = "decode_step_cpu_s" if machine.get("clock") == "process_time" else "decode_step_s"
+    return {name: {str(n): place(step_cost(shape, r["decode_batch"], ctx, lm_head=True), r[key], machine,
                                  r["code_isa"]) | {"batch": r["decode_batch"], "context": ctx}
                    for n, r in per_n.items()}
             for name, per_n in records.items() if pfengine_kind(name) and per_n}
@@ -272,7 +274,8 @@ def _run(args: argparse.Namespace, isas: list[str | None]) -> dict:
         f"repeats={cfg['repeats']}; prompt tokens {[len(i) for i in ids]}; load {load_average()}")
     from bench.roofline import describe_machine, measure_machine
 
-    cpu = measure_machine(args.threads)
+    # one thread: CPU time, the cost of the work whatever else runs on the machine (decode steps too)
+    cpu = measure_machine(args.threads, clock=time.process_time if args.threads == 1 else time.perf_counter)
     log(describe_machine(cpu))
     systems, skipped = _start_all(names, ck, log_dir, base, log, isas[0])
     load_before = load_average()
@@ -462,9 +465,11 @@ def markdown(result: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(_fmt(per_n.get(str(n)), ".2f") + "×" if per_n.get(str(n))
                                                      else "—" for n in ns) + " |")
     if result.get("decode_step"):
+        cpu_time = result["machine"]["cpu"].get("clock") == "process_time"
         lines += ["", "pfengine's decode step, unprofiled: the policy forward of B tokens and the LM head, median of "
-                      "the timed runs' median steps, against the roofline (the machine above; 'that code': the "
-                      "compute roof lowered to pfengine's linear-kernel GEMM rate on the instruction set the run used):",
+                      "the timed runs' median steps" + (" in process CPU time (one thread)" if cpu_time else "") +
+                      ", against the roofline (the machine above; 'that code': the compute roof lowered to pfengine's "
+                      "linear-kernel GEMM rate on the instruction set the run used):",
                   "", "| system | N | B | decode step ms | roofline ms | fraction of roofline | code | roofline ms of "
                       "that code | fraction | achieved GFLOP/s |", "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
         for n in ns:
