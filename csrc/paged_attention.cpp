@@ -160,6 +160,13 @@ PF_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(x);
 }
 
+PF_AVX2 inline float hmax(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_max_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
 // exp for x <= 0 (Cephes expf: Cody-Waite reduction by ln 2, degree-5 polynomial, ~1 ulp);
 // x < -88 gives 0, NaN stays NaN.
 PF_AVX2 inline __m256 exp8(__m256 x) {
@@ -275,14 +282,19 @@ PF_AVX2 void pv_group(const float* p, int64_t B, const void* vp, int64_t s_vt, i
 }
 
 // Turn one head's block scores into probabilities against the new running max; rescale its state.
+// The block max in vector lanes (max is exact, so the order does not matter; a NaN score is skipped
+// as the scalar loop skips it), and no exp when the running max did not move (alpha = exp(0) = 1).
 PF_AVX2 void softmax_update(float* s, int64_t nt, float* m, float* l, float* acc, int64_t D) {
-  float mx = kNegInf;
-  for (int64_t t = 0; t < nt; ++t) mx = s[t] > mx ? s[t] : mx;
+  __m256 mx8 = _mm256_set1_ps(kNegInf);
+  int64_t t = 0;
+  for (; t + 8 <= nt; t += 8) mx8 = _mm256_max_ps(_mm256_loadu_ps(s + t), mx8);
+  float mx = hmax(mx8);
+  for (; t < nt; ++t) mx = s[t] > mx ? s[t] : mx;
   const float m_new = *m > mx ? *m : mx;
-  const float alpha = *m == kNegInf ? 0.0f : std::exp(*m - m_new);
+  const float alpha = *m == kNegInf ? 0.0f : *m == m_new ? 1.0f : std::exp(*m - m_new);
   const __m256 mv = _mm256_set1_ps(m_new);
   __m256 sum8 = _mm256_setzero_ps();
-  int64_t t = 0;
+  t = 0;
   for (; t + 8 <= nt; t += 8) {
     const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
     _mm256_storeu_ps(s + t, p);

@@ -71,7 +71,10 @@ def test_bench_runs_pfengine_once_per_forced_instruction_set(tmp_path, monkeypat
     recs = result["records"]
     assert recs["pfengine"]["2"]["variant"] == "separate PRM, portable code"
     assert result["machine"]["cpu"]["code_isa"] == "portable" and result["machine"]["cpu"]["isas"][0] == best
+    assert recs["pfengine"]["2"]["decode_steps"] > 0 and recs["pfengine"]["2"]["decode_step_s"] > 0
+    assert result["decode_step"]["pfengine"]["2"]["isa"] == "portable"
     md = (tmp_path / "out" / "isa.md").read_text()
+    assert "decode step, unprofiled" in md
     assert f"best instruction set {best} (the C++ kernels run portable code, forced by PFENGINE_CPU_ISA)" in md
     if best != "portable":
         assert recs[f"pfengine-{best}"]["2"]["variant"] == f"separate PRM, {best} code"
