@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test clean bench bench-vllm-env bench-llamacpp-env
+.PHONY: install demo test chromium clean bench bench-vllm-env bench-llamacpp-env
 
 install: $(STAMP)
 
@@ -26,9 +26,20 @@ demo: $(STAMP)
 	$(BIN)/pfengine demo
 
 # The kernel microbenchmarks run once, untimed (--benchmark-disable), so they cannot rot.
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q tests
 	$(BIN)/python -m pytest -q bench/bench_kernels.py --benchmark-disable
+
+# The genealogy page's browser test (tests/test_genealogy.py) runs Debian's chromium headless: installed
+# here when missing and when running as root with apt-get (as CI does); otherwise that test is skipped
+# and says why.
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing Debian's chromium for the genealogy page's browser test"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+			|| echo "WARNING: chromium could not be installed; the browser test will be skipped"; \
+	else echo "NOTE: no chromium, and not root with apt-get to install it: the browser test will be skipped"; fi
 
 # The comparison benchmark, small size (a few minutes on 2 cores; vLLM rows need `make bench-vllm-env`
 # first, otherwise they are skipped with a message). Results: bench/results/quick.{md,json,png}, traces.

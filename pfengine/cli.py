@@ -1,4 +1,4 @@
-"""The ``pfengine`` command: ``demo``, ``generate``, ``serve``, ``bench`` and ``profile``.
+"""The ``pfengine`` command: ``demo``, ``generate``, ``trace``, ``serve``, ``bench`` and ``profile``.
 
 Heavy imports (the engine, transformers, uvicorn, the profiler) happen inside the subcommands, so
 ``pfengine --help`` is quick."""
@@ -7,14 +7,15 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+import os
 import statistics
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
-from pfengine.config import AGGREGATIONS, KV_DTYPES, METHODS, RESAMPLING, SELECTIONS
+from pfengine.config import AGGREGATIONS, KV_DTYPES, METHODS, RESAMPLING, SELECTIONS, EngineConfig, InvalidArgument
 from pfengine.toy.pf import DEMO_TEMPERATURE
 
 if TYPE_CHECKING:
@@ -26,6 +27,10 @@ DEMO_DIR = Path(".cache/demo-model")
 FIXED_STEP_DELIMITER = "\x00\x00pfbench:no-step-delimiter\x00\x00"
 """With ``--fixed-steps``: a delimiter no model emits, so every step is exactly --max-step-tokens long."""
 DEMO_PROMPT = "Step 1: add 17 and 25."
+
+FLAGS = {"n_particles": "--particles"}
+LIMITS = ("max_request_particles", "max_iterations", "max_request_tokens", "max_prompt_chars", "max_overtakes")
+"""API option -> flag where the flag is not the option's name with dashes."""
 
 PROFILE_SORTS = {"self_cpu_time_total": lambda e: e.self_cpu_time_total,
                  "cpu_time_total": lambda e: e.cpu_time_total, "count": lambda e: e.count}
@@ -69,6 +74,21 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="cache rows: the most particles of all requests alive at once (default 1024)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="cap on prompt + generated tokens (default: the model's max_position_embeddings)")
+    d = EngineConfig.__dataclass_fields__
+    lim = p.add_argument_group("per-request limits (a request over one is refused, naming the limit)")
+    lim.add_argument("--max-request-particles", type=int, default=d["max_request_particles"].default,
+                     help="largest budget (particles, all particle Gibbs sweeps together) one request may ask "
+                          "for (default %(default)s)")
+    lim.add_argument("--max-iterations", type=int, default=d["max_iterations"].default,
+                     help="most particle Gibbs sweeps one request may ask for (default %(default)s)")
+    lim.add_argument("--max-request-tokens", type=int, default=d["max_request_tokens"].default,
+                     help="most tokens one request may generate: particles x the per-particle cap "
+                          "(default %(default)s)")
+    lim.add_argument("--max-prompt-chars", type=int, default=d["max_prompt_chars"].default,
+                     help="longest prompt in characters, checked before tokenising (default %(default)s)")
+    lim.add_argument("--max-overtakes", type=int, default=d["max_overtakes"].default,
+                     help="admission: later requests that fit may start before a waiting one that does not fit "
+                          "yet at most this many times, then it goes first (default %(default)s)")
 
 
 def _add_request_options(p: argparse.ArgumentParser, max_steps: int = 6, max_step_tokens: int = 24,
@@ -141,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "steps) or the value head on the policy")
     demo.add_argument("--out", default="out/demo", help="where the table (results.md / .json) and plot go")
     demo.add_argument("--no-eval", action="store_true", help="only the traced run, no evaluation")
+    demo.add_argument("--trace-html", metavar="DIR",
+                      help="where the traced run's genealogy goes (trace.html, and trace.png with matplotlib; "
+                           "default: --out)")
     _add_request_options(demo, temperature=DEMO_TEMPERATURE)
     _add_output_options(demo)
 
@@ -151,8 +174,36 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the problem text ('-' reads it from stdin)")
     gen.add_argument("--chat", action="store_true",
                      help="send the prompt as a user message through the model's chat template")
+    gen.add_argument("--trace-html", metavar="DIR",
+                     help="also write the run's genealogy to DIR (trace.html: open it in a browser; trace.png "
+                          "with matplotlib)")
     _add_request_options(gen)
     _add_output_options(gen)
+
+    tr = sub.add_parser("trace", help="draw a run's genealogy: a self-contained HTML page and a PNG",
+                        description="Run one request as `generate` does (or read a saved result with --result) and "
+                                    "draw its genealogy: rounds left to right, one node per distinct particle per "
+                                    "round (identical copies are one node with a count), sized by weight and "
+                                    "coloured by PRM score, edges from ancestor to child, the ESS of every round, "
+                                    "the chosen particle's path; hover or click a node for its step and text. "
+                                    "Writes NAME.html (no network needed: open it from disk), NAME.png (needs "
+                                    "matplotlib: pip install 'pfengine[viz]') and NAME.json (the result, to "
+                                    "draw again with --result).")
+    _add_engine_options(tr)
+    g = tr.add_argument_group("trace")
+    g.add_argument("--prompt", help="the problem text ('-' reads it from stdin)")
+    g.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the model's chat template")
+    g.add_argument("--result", metavar="FILE",
+                   help="draw a saved result instead of running one: the JSON of `pfengine generate --json` or the "
+                        "NAME.json this command writes (its tokens are decoded with --model's tokenizer)")
+    g.add_argument("--reference", metavar="ANSWER",
+                   help="the right final answer: marks each candidate and the chosen one correct or wrong")
+    g.add_argument("--out", default="out/trace", help="output directory (default out/trace)")
+    g.add_argument("--name", default="trace", help="file name stem (default trace)")
+    g.add_argument("--no-png", action="store_true", help="only the HTML page")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn on stderr)")
+    _add_request_options(tr)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
                          description="Serve one engine over HTTP: GET /v1/models, POST /v1/completions, POST "
@@ -164,7 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = srv.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    g.add_argument("--served-model-name", help="model id clients send and /v1/models lists (default: --model)")
+    g.add_argument("--served-model-name",
+                   help="model id clients send and /v1/models lists (default: the checkpoint directory's name)")
+    g.add_argument("--api-key", default=os.environ.get("PFENGINE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every /v1/* route (default: $PFENGINE_API_KEY; "
+                        "none: no authentication, fine on loopback only)")
+    g.add_argument("--allowed-hosts", type=lambda t: tuple(h.strip().lower() for h in t.split(",") if h.strip()),
+                   default=(), metavar="HOST,HOST",
+                   help="Host header values to accept, e.g. localhost,127.0.0.1 (against DNS rebinding; default: any)")
+    g.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                   help="largest request body; larger ones get 413 before parsing (default %(default)s)")
+    g.add_argument("--max-completions", type=int, default=128,
+                   help="most completions (prompts x n) one HTTP request may ask for (default %(default)s)")
+    g.add_argument("--enable-docs", action="store_true", help="serve /docs and /openapi.json (off by default)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
 
@@ -221,11 +284,19 @@ def main(argv: list[str] | None = None) -> int:
     from pfengine.model.checkpoint import CheckpointError
 
     try:
-        return {"demo": cmd_demo, "generate": cmd_generate, "serve": cmd_serve, "bench": cmd_bench,
-                "profile": cmd_profile}[args.command](args)
+        return {"demo": cmd_demo, "generate": cmd_generate, "trace": cmd_trace, "serve": cmd_serve,
+                "bench": cmd_bench, "profile": cmd_profile}[args.command](args)
+    except InvalidArgument as e:
+        print(f"pfengine {args.command}: error: {e.render(flag_of)}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, CheckpointError) as e:
         print(f"pfengine {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def flag_of(field: str) -> str:
+    """The command-line flag of an API option named in an error (``n_particles`` -> ``--particles``)."""
+    return FLAGS.get(field, "--" + field.replace("_", "-")) if field.isidentifier() else field
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,11 +311,12 @@ def make_engine(args: argparse.Namespace) -> Engine:
     if model is None:
         model, default_prm = default_checkpoint(quiet=getattr(args, "json", False))
         prm = prm or default_prm
+    limits = {name: getattr(args, name) for name in LIMITS if hasattr(args, name)}
     return Engine(EngineConfig(model=model, prm=prm, num_blocks=getattr(args, "num_blocks", 2048),
                                block_size=getattr(args, "block_size", 16),
                                kv_dtype=getattr(args, "kv_dtype", "float32"),
                                max_particles=getattr(args, "max_particles", 1024),
-                               max_model_len=getattr(args, "max_model_len", None)))
+                               max_model_len=getattr(args, "max_model_len", None), **limits))
 
 
 def make_request(args: argparse.Namespace, prompt: str | list[dict], seed: int | None = None) -> Request:
@@ -318,7 +390,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pfengine.config import EngineConfig
     from pfengine.engine import Engine
     from pfengine.toy import evaluate
-    from pfengine.toy.task import heldout_set
+    from pfengine.toy.task import extract_answer, heldout_set
 
     prm = VALUE_HEAD if args.prm_kind == "value_head" else PRM
     print(f"Model: {POLICY} (bundled toy policy) + PRM {prm}\n")
@@ -326,8 +398,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     problems = heldout_set(max(args.problems, 1))
     t = args.temperature
     print(f"Sampling temperature {t}\n")
-    evaluate.trace_one(engine, evaluate.hard_problem(engine, problems[:50], args.particles, args.seed, t),
-                       budget=args.particles, seed=args.seed, temperature=t)
+    problem = evaluate.hard_problem(engine, problems[:50], args.particles, args.seed, t)
+    result = evaluate.trace_one(engine, problem, budget=args.particles, seed=args.seed, temperature=t)
+    _write_genealogy(args.trace_html or args.out, result, evaluate.request(problem, "particle_filter", args.particles,
+                                                                           args.seed, t), engine,
+                     grade=lambda text: extract_answer(text) == problem.answer)
     if args.no_eval:
         return 0
     rows = evaluate.evaluate(engine, problems[:args.problems], tuple(args.budgets), seed=args.seed, temperature=t)
@@ -350,10 +425,77 @@ def _generate(args: argparse.Namespace, engine: Engine, prompt: str | list[dict]
     result = run_with_progress(engine, request, disable=args.no_progress)
     seconds = time.perf_counter() - start
     if args.json:
-        print(json.dumps(asdict(result) | {"seconds": seconds, "engine": engine.stats()}, indent=1))
+        print(json.dumps(asdict(result) | {"seconds": seconds, "engine": engine.stats(), "prompt": prompt,
+                                           "search": asdict(request.search)}, indent=1))
     else:
         print_result(result, engine.stats(), seconds)
+    if args.trace_html:
+        _write_genealogy(args.trace_html, result, request, engine)
     return 0
+
+
+def _write_genealogy(out_dir: str, result: PFResult, request: Request, engine: Engine,
+                     grade: Callable[[str], bool] | None = None) -> None:
+    from pfengine import genealogy
+
+    paths = genealogy.write_result(result, request, engine.detokenize, out_dir, grade=grade)
+    note = "" if len(paths) > 1 else " (no PNG: it needs matplotlib, pip install 'pfengine[viz]')"
+    print(f"Genealogy: {', '.join(map(str, paths))}{note}", file=sys.stderr)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from pfengine import genealogy
+
+    if (args.prompt is None) == (args.result is None):
+        raise ValueError("give --prompt (run a request) or --result FILE (draw a saved one), not both")
+    if not args.no_png and not genealogy.can_draw_png():
+        raise ValueError("the PNG needs matplotlib: pip install 'pfengine[viz]', or pass --no-png")
+    grade = genealogy.grader(args.reference) if args.reference is not None else None
+    if args.result is not None:
+        unused = _options_set(args, "trace", keep={"result", "model", "reference", "out", "name", "no_png"})
+        if unused:
+            raise ValueError(f"--result draws a saved run; {', '.join(unused)} would not be used")
+        run = genealogy.from_json(_read_json(args.result), args.result, grade)
+        detokenize = _tokenizer_decode(args.model)
+    else:
+        engine = make_engine(args)
+        text = sys.stdin.read() if args.prompt == "-" else args.prompt
+        prompt = [{"role": "user", "content": text}] if args.chat else text
+        request = make_request(args, prompt)
+        result = run_with_progress(engine, request, disable=args.no_progress)
+        run = genealogy.from_result(result, request.search, prompt, grade)
+        detokenize = engine.detokenize
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        saved = asdict(result) | {"prompt": prompt, "search": asdict(request.search)}
+        (out / f"{args.name}.json").write_text(json.dumps(saved))
+    paths = genealogy.write(run, detokenize, args.out, args.name, png=not args.no_png)
+    print(f"{run.verdict}\nWrote {', '.join(map(str, paths))}")
+    return 0
+
+
+def _options_set(args: argparse.Namespace, command: str, keep: set[str]) -> list[str]:
+    """The options outside ``keep`` given a value other than their default, as --flags."""
+    defaults = vars(build_parser().parse_args([command]))
+    return [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+            if name not in keep and value != defaults.get(name)]
+
+
+def _read_json(path: str) -> object:
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"--result {path}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--result {path}: not JSON ({e})") from None
+
+
+def _tokenizer_decode(model: str | None) -> Callable[[list[int]], str]:
+    from pfengine.model.tokenizer import load_tokenizer
+    from pfengine.toy.pf import POLICY
+
+    tokenizer = load_tokenizer(model or str(POLICY))
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def print_result(result: PFResult, stats: dict[str, int], seconds: float) -> None:
@@ -378,12 +520,23 @@ def print_result(result: PFResult, stats: dict[str, int], seconds: float) -> Non
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pfengine.server import serve
+    from pfengine.http_gate import GateConfig
+    from pfengine.server import ServerConfig, serve
 
+    for flag in ("max_body_bytes", "max_completions"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key must not be empty")
     engine = make_engine(args)
-    print(f"pfengine: serving {args.served_model_name or engine.config.model} on http://{args.host}:{args.port}/v1",
-          file=sys.stderr)
-    serve(engine, host=args.host, port=args.port, served_model_name=args.served_model_name, log_level=args.log_level)
+    config = ServerConfig(served_model_name=args.served_model_name,
+                          gate=GateConfig(api_key=args.api_key, allowed_hosts=args.allowed_hosts,
+                                          max_body_bytes=args.max_body_bytes),
+                          max_completions=args.max_completions, enable_docs=args.enable_docs)
+    name = args.served_model_name or Path(engine.config.model).name
+    print(f"pfengine: serving {name} on http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if args.api_key else ''}", file=sys.stderr)
+    serve(engine, host=args.host, port=args.port, config=config, log_level=args.log_level)
     return 0
 
 

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from dataclasses import replace
 from itertools import count
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.profiler import record_function
 
 from pfengine.cache.block_manager import BlockManager
-from pfengine.config import AGGREGATIONS, KV_DTYPES, EngineConfig, Request
-from pfengine.model.checkpoint import CheckpointError, read_config
+from pfengine.config import AGGREGATIONS, KV_DTYPES, EngineConfig, InvalidArgument, Request, require
+from pfengine.model.checkpoint import PRM_ARCHITECTURES, CheckpointError, read_config
 from pfengine.model.decoder import load_decoder
 from pfengine.model.tokenizer import check_same_tokenizer, eos_ids, load_tokenizer
 from pfengine.kernels.prm_score import head_logit, initial_running, running_to_prob, weigh
@@ -45,8 +46,9 @@ class Engine:
         self.prm_runner: ModelRunner | None = None
         self.prm = self._load_prm(prm_fn, model_cfg.hidden_size)
         self.eos_ids = eos_ids(config.model, model_cfg.eos_token_ids, self.tokenizer)
-        self.scheduler = Scheduler(self.runners, config.max_particles)
+        self.scheduler = Scheduler(self.runners, config.max_particles, config.max_overtakes)
         self._token_text: dict[int, str] = {}
+        self._driving = threading.Lock()
         self._ids = count()
         self._nodes = count(1)
 
@@ -67,9 +69,15 @@ class Engine:
         if Path(path).is_file():
             return ValueHeadPRM(load_value_head(path, hidden_size))
         shepherd = pc.good_token is not None
-        if read_config(path).is_prm == shepherd:
-            raise CheckpointError(f"{path}: a PRM directory needs architectures ['Qwen2ForProcessRewardModel'], or a "
-                                  f"causal LM with PRMConfig.good_token/bad_token set (Math-Shepherd style)")
+        prm_cfg = read_config(path)
+        if prm_cfg.is_prm == shepherd:
+            raise CheckpointError(f"{path}: a PRM directory needs architectures [one of {PRM_ARCHITECTURES}] "
+                                  f"(Qwen2.5-Math-PRM layout), or a causal LM with PRMConfig.good_token/bad_token "
+                                  f"set (Math-Shepherd style)")
+        if prm_cfg.max_position_embeddings < self.max_len:
+            raise CheckpointError(f"{path}: the PRM computes at most {prm_cfg.max_position_embeddings} positions "
+                                  f"({prm_cfg.context_limit or 'max_position_embeddings'}), fewer than the policy's "
+                                  f"{self.max_len}; set EngineConfig.max_model_len <= {prm_cfg.max_position_embeddings}")
         check_same_tokenizer(self.tokenizer, load_tokenizer(path), path)
         ids = [self._token_id(t, path) for t in (pc.step_tag, pc.good_token, pc.bad_token) if t is not None]
         self.prm_runner = self._runner(path)
@@ -160,18 +168,43 @@ class Engine:
 
     def step(self) -> list[Event]:
         """One engine iteration: admit, decode one token for every particle mid-step, and finish the
-        rounds (score -> resample -> fork) of requests whose particles all reached a step end."""
-        with record_function("pfengine::prefill"):
-            self._prefill(self.scheduler.admit())
-        events = self.scheduler.make_room()
-        running = self.scheduler.running
-        self._decode(running)
-        at_barrier = [r for r in running if all(p.step_done or p.finished for p in r.particles)]
-        if not at_barrier:
-            return events
+        rounds (score -> resample -> fork) of requests whose particles all reached a step end.
+
+        A phase that raises fails the requests it was working on (error events, blocks freed); the
+        engine and every other request go on. One thread drives an engine (share it through
+        :class:`~pfengine.async_engine.AsyncEngine`); a second concurrent driver is refused."""
+        if not self._driving.acquire(blocking=False):
+            raise RuntimeError("Engine.step: the engine is being driven by another thread; an Engine is not "
+                               "thread-safe (share one through pfengine.async_engine.AsyncEngine)")
+        try:
+            return self._step()
+        finally:
+            self._driving.release()
+
+    def _step(self) -> list[Event]:
+        admitted = self.scheduler.admit()
+        events = self._contain(admitted, self._prefill)
+        events += self.scheduler.make_room()
+        events += self._contain(list(self.scheduler.running), self._decode)
+        at_barrier = [r for r in self.scheduler.running if all(p.step_done or p.finished for p in r.particles)]
+        if at_barrier:
+            events += self._contain(at_barrier, self._finish_round)
+        return events
+
+    def _contain(self, reqs: list[RequestState], phase: Callable[[list[RequestState]], list[Event] | None]
+                 ) -> list[Event]:
+        if not reqs:
+            return []
+        try:
+            return phase(reqs) or []
+        except Exception as error:
+            log.exception("engine step failed in %s; failing %d request(s)", phase.__name__, len(reqs))
+            return [self.scheduler.fail(r, error) for r in reqs if r in self.scheduler.running]
+
+    def _finish_round(self, at_barrier: list[RequestState]) -> list[Event]:
         with record_function("pfengine::round"):  # PRM score -> weights -> resample -> fork
             finish_round(at_barrier, self.prm, self.runners, self.detokenize)
-        events += [Event(r.id, r.trace[-1]) for r in at_barrier]
+        events = [Event(r.id, r.trace[-1]) for r in at_barrier]
         for r in [r for r in at_barrier if r.done]:
             self.scheduler.finish(r)
             r.stats.seconds = time.perf_counter() - r.started
@@ -179,67 +212,96 @@ class Engine:
         return events
 
     def generate(self, requests: list[Request]) -> list[PFResult]:
-        """Run requests to completion, batched together (and with any already queued); results in order."""
+        """Run requests to completion, batched together (and with any already queued); results in order.
+        However this call ends (an error, Ctrl-C), none of its requests is left in the engine."""
         states = [self._prepare(r) for r in requests]  # all valid before any is queued
         self.scheduler.waiting += states
-        ids = [s.id for s in states]
+        pending = {s.id for s in states}
         results: dict[int, PFResult] = {}
-        while any(i not in results for i in ids):
-            for event in self.step():
-                if event.error is not None and event.request_id in ids:
-                    for i in ids:
-                        self.abort(i)
-                    raise event.error
-                if event.result is not None:
-                    results[event.request_id] = event.result
-        return [results[i] for i in ids]
-
-    def stream(self, request: Request) -> Iterator[Event]:
-        """Run one request (with whatever else is queued), yielding its events as rounds finish."""
-        rid = self.add_request(request)
-        while True:
-            for event in self.step():
-                if event.request_id == rid:
+        try:
+            while pending:
+                assert self.has_work, "generate: requests vanished from the engine"
+                for event in self.step():
+                    if event.request_id not in pending:
+                        continue
                     if event.error is not None:
                         raise event.error
-                    yield event
                     if event.result is not None:
-                        return
+                        results[event.request_id] = event.result
+                        pending.discard(event.request_id)
+        finally:
+            for i in pending:
+                self.abort(i)
+        return [results[s.id] for s in states]
+
+    def stream(self, request: Request) -> Iterator[Event]:
+        """Run one request (with whatever else is queued), yielding its events as rounds finish.
+        Closing the iterator early aborts the request."""
+        rid = self.add_request(request)
+        done = False
+        try:
+            while not done:
+                for event in self.step():
+                    if event.request_id == rid:
+                        done = event.error is not None or event.result is not None
+                        if event.error is not None:
+                            raise event.error
+                        yield event
+        finally:
+            if not done:
+                self.abort(rid)
 
     def _prepare(self, request: Request) -> RequestState:
-        prompt = request.prompt
-        if isinstance(prompt, list) and not prompt:
-            raise ValueError("prompt: chat messages must not be empty")
-        if isinstance(prompt, str) and not prompt:
-            raise ValueError("prompt: must not be empty")
-        if not isinstance(prompt, (str, list)):
-            raise TypeError(f"prompt: expected a string or a list of chat messages, got {type(prompt).__name__}")
-        text, ids = encode_prompt(self.tokenizer, prompt)
-        search = request.search
+        """Check a request against the engine's limits and tokenise it. Every error names the option."""
+        if not isinstance(request, Request):
+            raise InvalidArgument("request", f"expected a pfengine.Request, got {type(request).__name__}")
+        request.validate()
+        c, search, sampling = self.config, request.search, request.sampling
+        require(request.prompt_chars <= c.max_prompt_chars, "prompt",
+               f"{request.prompt_chars} characters; EngineConfig.max_prompt_chars is {c.max_prompt_chars}")
+        require(search.n_particles <= c.max_request_particles, "n_particles",
+               f"{search.n_particles} is over this engine's limit, EngineConfig.max_request_particles="
+               f"{c.max_request_particles}")
+        require(search.iterations <= c.max_iterations, "iterations",
+               f"{search.iterations} is over this engine's limit, EngineConfig.max_iterations={c.max_iterations}")
         if search.uses_prm and self.prm is None:
-            raise ValueError(f"search method {search.method!r} needs a PRM: set EngineConfig.prm (a PRM directory or "
-                             f"a value-head .safetensors file) or pass prm_fn to Engine")
-        if search.method == "greedy" and request.sampling.temperature != 0:
-            request = replace(request, sampling=replace(request.sampling, temperature=0.0))
+            raise InvalidArgument("method", f"{search.method!r} needs a PRM: set EngineConfig.prm (a PRM directory "
+                                            f"or a value-head .safetensors file) or pass prm_fn to Engine")
+        if search.method == "greedy" and not sampling.greedy:
+            request = replace(request, sampling=replace(sampling, temperature=0.0))
+        text, ids = self._encode(request.prompt)
         n = search.particles_per_sweep
-        if n + 2 > self.config.max_particles:
-            raise ValueError(f"n_particles={search.n_particles} needs {n + 2} cache rows; "
-                             f"EngineConfig.max_particles is {self.config.max_particles}")
-        room = self.max_len - len(ids) - request.sampling.max_steps  # PRM step tags need room too
-        if room <= 0:
-            raise ValueError(f"prompt: {len(ids)} tokens (+{request.sampling.max_steps} step tags) does not fit "
-                             f"max_model_len={self.max_len}")
-        need = self.scheduler.blocks_to_admit(len(ids), n, request.sampling.max_step_tokens)
-        if need > self.config.num_blocks:
-            raise ValueError(f"request needs about {need} KV blocks for its prompt and one step of {n} particles; "
-                             f"the cache has {self.config.num_blocks} (raise EngineConfig.num_blocks)")
-        seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
+        require(n + 2 <= c.max_particles, "n_particles",
+               f"{n} particles{' per sweep' if search.iterations > 1 else ''} need {n + 2} cache rows; "
+               f"EngineConfig.max_particles is {c.max_particles}")
+        require(len(ids) < self.max_len - 1, "prompt",
+                f"{len(ids)} tokens does not fit EngineConfig.max_model_len={self.max_len}")
+        room = self.max_len - len(ids) - sampling.max_steps  # PRM step tags need room too
+        require(room > 0, "max_steps",
+               f"{sampling.max_steps} steps reserve a position per step (PRM step tags), which with the prompt's "
+               f"{len(ids)} tokens does not fit EngineConfig.max_model_len={self.max_len}; at most {self.max_len - len(ids) - 1}")
+        per_particle = min(sampling.max_tokens, sampling.max_steps * sampling.max_step_tokens, room)
+        total = search.n_particles * per_particle
+        require(total <= c.max_request_tokens, "max_tokens",
+               f"SearchParams.n_particles={search.n_particles} x up to {per_particle} tokens per particle = "
+               f"{total} generated tokens, over this engine's limit EngineConfig.max_request_tokens="
+               f"{c.max_request_tokens}")
+        need = self.scheduler.blocks_to_admit(len(ids), n, sampling.max_step_tokens)
+        require(need <= c.num_blocks, "n_particles",
+               f"the request needs about {need} KV blocks for its prompt and one step of {n} particles "
+               f"(SamplingParams.max_step_tokens={sampling.max_step_tokens}); the cache has {c.num_blocks} "
+               f"(raise EngineConfig.num_blocks)")
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
         return RequestState(id=next(self._ids), request=request, prompt_ids=ids, prompt_text=text, seed=seed)
+
+    def _encode(self, prompt: str | list[dict]) -> tuple[str, list[int]]:
+        try:
+            return encode_prompt(self.tokenizer, prompt)
+        except Exception as e:  # a chat template may refuse a conversation (e.g. roles out of order)
+            raise InvalidArgument("prompt", f"cannot be tokenised: {type(e).__name__}: {e}") from None
 
     def _prefill(self, admitted: list[RequestState]) -> None:
         """Forward the admitted prompts (each once, into its root row) and fork them to every slot."""
-        if not admitted:
-            return
         roots = [r.root_row for r in admitted]
         hidden = self.policy.extend(roots, [r.prompt_ids for r in admitted])
         logits = self.policy.decoder.logits(hidden)

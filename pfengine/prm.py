@@ -98,16 +98,22 @@ class CallablePRM:
         self.fn = fn
 
     def score(self, ended: list[EndedStep]) -> torch.Tensor:
-        """Step logits ``logit(p)``, p clipped to ``[1e-7, 1 - 1e-7]``. A value that is not a
-        probability (NaN, inf, outside [0, 1]) is logged and read as 0: that particle's weight
-        vanishes and the request goes on."""
-        probs = [float(self.fn(e.prompt, e.steps)) for e in ended]
-        bad = [p for p in probs if not 0.0 <= p <= 1.0]
-        if bad:
-            log.warning("PRM callable returned %d value(s) outside [0, 1] (e.g. %r); those particles get weight 0",
-                        len(bad), bad[0])
-        probs = [p if 0.0 <= p <= 1.0 else 0.0 for p in probs]
+        """Step logits ``logit(p)``, p clipped to ``[1e-7, 1 - 1e-7]``. A call that raises, or a value
+        that is not a probability (NaN, inf, outside [0, 1], not a number), is logged and read as 0:
+        that particle's weight vanishes and the request goes on (one failed particle does not end a run)."""
+        probs = [self._call(e) for e in ended]
         return torch.tensor([math.log(max(p, P_CLIP) / max(1 - p, P_CLIP)) for p in probs]).clamp(-LOGIT_CLIP, LOGIT_CLIP)
+
+    def _call(self, e: EndedStep) -> float:
+        try:
+            p = float(self.fn(e.prompt, e.steps))
+        except Exception as error:
+            log.warning("PRM callable raised %s: %s; that particle gets weight 0", type(error).__name__, error)
+            return 0.0
+        if not 0.0 <= p <= 1.0:
+            log.warning("PRM callable returned %r, outside [0, 1]; that particle gets weight 0", p)
+            return 0.0
+        return p
 
 
 def load_value_head(path: str | Path, hidden_size: int) -> PRMHead:

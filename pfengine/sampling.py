@@ -8,8 +8,8 @@ from pfengine.kernels.sampling import temperature_sample
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """``logits [n, V]`` -> token ids ``[n]``; temperature 0 is greedy."""
-    if params.temperature == 0:
+    """``logits [n, V]`` -> token ids ``[n]``; temperature 0 (or below 1e-5) is greedy."""
+    if params.greedy:
         return logits.argmax(-1)
     if not 0 < params.top_k < logits.shape[-1] and params.top_p >= 1.0:
         # Plain temperature sampling: the fused kernel (C++ on CPU) draws the same tokens as the

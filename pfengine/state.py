@@ -152,6 +152,8 @@ class RequestState:
     round: int = 0
     """Rounds finished in the current sweep."""
     done: bool = False
+    overtaken: int = 0
+    """Times a later request was admitted while this one waited (see the scheduler's policy)."""
     stats: RequestStats = field(default_factory=RequestStats)
     started: float = 0.0
 

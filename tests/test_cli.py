@@ -69,7 +69,7 @@ def test_generate_errors_are_readable(capsys, policy_dir):
     assert code == 2 and "needs a PRM" in err
     code, _, err = run(capsys, "generate", "--model", policy_dir, "--prompt", "hi", "--method", "best_of_n",
                        "--particles", "0")
-    assert code == 2 and "n_particles must be positive" in err
+    assert code == 2 and "--particles: must be >= 1, got 0" in err
 
 
 def test_bench_reports_tokens_per_second(capsys, policy_dir, value_head_file):

@@ -156,7 +156,7 @@ def test_the_decoder_runs_the_forced_instruction_set_and_matches_transformers(is
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_particles_prm_head_score_does_not_depend_on_the_batch(isa, threads):
-    """The value head (H x H, ReLU, H x 2) runs on the row-invariant linear too: with BLAS a row's
+    """The value head (H x H, ReLU, H x 2) runs on the row-invariant linear: with BLAS a row's
     logit changed with the batch (MKL, H = 512: every batch of 1 to 15 rows rounded differently)."""
     from pfengine.kernels.prm_score import PRMHead, head_logit
 
@@ -167,7 +167,7 @@ def test_a_particles_prm_head_score_does_not_depend_on_the_batch(isa, threads):
         h = 512
         head = PRMHead(torch.randn(h, h, generator=g) / h ** 0.5, torch.randn(h, generator=g),
                        torch.randn(2, h, generator=g) / h ** 0.5, torch.randn(2, generator=g))
-        assert head.hidden_w.isa == isa and head.out_w.isa == isa
+        assert head.w1_prepared.isa == isa
         hidden = torch.randn(40, h, generator=g)
         full = head_logit(hidden, head)
         for lo, hi in [(0, 1), (3, 4), (5, 12), (7, 22), (39, 40)]:

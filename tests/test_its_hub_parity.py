@@ -68,7 +68,7 @@ def its_hub_selected(seed: int) -> str:
 def pfengine_selected(seed: int) -> str:
     """pfengine's PF round logic (weigh -> plan -> reorder) driven by the same mock."""
     rng = random.Random(seed)
-    r = RequestState(0, Request(search=SearchParams(n_particles=N, resampling="multinomial")), [], "", seed=seed,
+    r = RequestState(0, Request(prompt="q", search=SearchParams(n_particles=N, resampling="multinomial")), [], "", seed=seed,
                      rows=list(range(N)))
     r.particles = [Particle() for _ in range(N)]
     paths: list[list[str]] = [[] for _ in range(N)]

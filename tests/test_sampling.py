@@ -45,12 +45,12 @@ def test_temperature_zero_is_greedy():
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("temperature", -0.1, "temperature must be >= 0"),
-    ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
-    ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
-    ("top_k", -1, "top_k must be >= 0"),
-    ("max_steps", 0, "max_steps must be positive"),
-    ("step_delimiter", "", "step_delimiter must be a non-empty string"),
+    ("temperature", -0.1, "temperature: must be >= 0"),
+    ("top_p", 0.0, r"top_p: must be in \(0.0, 1.0\]"),
+    ("top_p", 1.5, r"top_p: must be in \(0.0, 1.0\]"),
+    ("top_k", -1, "top_k: must be >= 0"),
+    ("max_steps", 0, "max_steps: must be >= 1"),
+    ("step_delimiter", "", "step_delimiter: must be a non-empty string"),
 ])
 def test_bad_sampling_params(field, value, message):
     with pytest.raises(ValueError, match=message):

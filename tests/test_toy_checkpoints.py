@@ -42,8 +42,8 @@ def test_pf_on_a_heldout_problem(prm):
 
 @pytest.mark.slow
 def test_demo_traces_one_run_and_writes_the_table(tmp_path, capsys):
-    """`pfengine demo` on the bundled model, shrunk: the traced run, every method at one budget, and
-    the Markdown / JSON / PNG report."""
+    """`pfengine demo` on the bundled model, shrunk: the traced run (and its genealogy), every method at
+    one budget, and the Markdown / JSON / PNG report."""
     from pfengine.cli import main
     from pfengine.toy.evaluate import LABELS
 
@@ -56,3 +56,4 @@ def test_demo_traces_one_run_and_writes_the_table(tmp_path, capsys):
     table = (tmp_path / "results.md").read_text()
     assert all(label in table for label in LABELS.values())
     assert (tmp_path / "accuracy_vs_budget.png").stat().st_size > 0
+    assert "pf-data" in (tmp_path / "trace.html").read_text() and (tmp_path / "trace.png").stat().st_size > 0

@@ -39,7 +39,7 @@ class BlockManager:
         """Upper bound on the blocks :meth:`reserve` takes: new blocks plus one COW copy per row."""
         rows, n_new = rows.to(self.device), torch.as_tensor(n_new, device=self.device)
         start = self.lens[rows]
-        grow = _ceil_div(start + n_new, self.block_size) - _ceil_div(start, self.block_size)
+        grow = ceil_div(start + n_new, self.block_size) - ceil_div(start, self.block_size)
         partial = (start % self.block_size != 0) & (n_new > 0)
         return int(grow.sum() + partial.sum())
 
@@ -56,7 +56,7 @@ class BlockManager:
         n_new = n_new.to(self.device, torch.int64).expand(rows.shape)
         start = self.lens[rows]
         end = start + n_new
-        first_new, last_new = _ceil_div(start, B), _ceil_div(end, B)
+        first_new, last_new = ceil_div(start, B), ceil_div(end, B)
         assert rows.numel() == 0 or int(last_new.max()) <= self.tables.shape[1], "reserve: row longer than max_blocks_per_row"
 
         cow_rows, cow_src = self._cow_writers(rows, start, n_new)
@@ -136,7 +136,7 @@ class BlockManager:
         new_lens = self.lens[rows] - n
         assert bool((new_lens >= 0).all()), "truncate: more tokens than the row holds"
         cols = torch.arange(self.tables.shape[1], device=rows.device)
-        drop = cols[None, :] >= _ceil_div(new_lens, self.block_size)[:, None]
+        drop = cols[None, :] >= ceil_div(new_lens, self.block_size)[:, None]
         tables = self.tables[rows]
         self._release(tables[drop])
         self.tables[rows] = tables.masked_fill(drop, -1)
@@ -166,11 +166,12 @@ class BlockManager:
         assert bool((self.ref_counts[free] == 0).all()), "a referenced block is on the free stack"
         assert self.num_free + int((self.ref_counts > 0).sum()) == self.num_blocks, "a block leaked"
         cols = torch.arange(self.tables.shape[1], device=self.tables.device)
-        covered = cols[None, :] < _ceil_div(self.lens, self.block_size)[:, None]
+        covered = cols[None, :] < ceil_div(self.lens, self.block_size)[:, None]
         assert torch.equal(covered, self.tables >= 0), "a block table does not cover its row's length"
 
 
-def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
+def ceil_div(a, b: int):
+    """``ceil(a / b)`` for non-negative ints or integer tensors."""
     return (a + b - 1) // b
 
 

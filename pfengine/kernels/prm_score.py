@@ -17,20 +17,17 @@ LOGIT_CLIP = math.log((1 - P_CLIP) / P_CLIP)
 
 @dataclass
 class PRMHead:
-    """``Linear(H, H) -> ReLU -> Linear(H, 2)``; class 1 is "step is correct". ``hidden_w`` and
-    ``out_w`` are ``w1`` and ``w2`` as the row-invariant linear layer takes them (packed at
-    construction on the C++ path): a particle's score must not depend on the rows scored with it,
-    nor on how many threads BLAS would have split the product over."""
+    """``Linear(H, H) -> ReLU -> Linear(H, 2)``; class 1 is "step is correct"."""
 
     w1: torch.Tensor
     b1: torch.Tensor
     w2: torch.Tensor
     b2: torch.Tensor
-    hidden_w: Weight = field(init=False)
-    out_w: Weight = field(init=False)
+    w1_prepared: Weight = field(init=False, repr=False)
+    """``w1`` in the form the row-invariant CPU linear wants, prepared once."""
 
     def __post_init__(self) -> None:
-        self.hidden_w, self.out_w = prepare(self.w1.float()), prepare(self.w2.float())
+        self.w1_prepared = prepare(self.w1.float())
 
 
 def initial_running(n: int, aggregation: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -58,10 +55,14 @@ def score_particles_ref(hidden: torch.Tensor, head: PRMHead, running: torch.Tens
 
 
 def head_logit(hidden: torch.Tensor, head: PRMHead) -> torch.Tensor:
-    """logit(p_correct) = l1 - l0, clipped as the paper clips p to [1e-7, 1 - 1e-7]."""
-    h = torch.relu(linear(hidden.float(), head.hidden_w, head.b1.float()))
-    logits = linear(h, head.out_w, head.b2.float())
-    return (logits[:, 1] - logits[:, 0]).clamp(-LOGIT_CLIP, LOGIT_CLIP)
+    """logit(p_correct) = l1 - l0, clipped as the paper clips p to [1e-7, 1 - 1e-7].
+
+    Row-invariant (a particle's score does not depend on the batch it is scored in): the H x H
+    layer is the row-invariant linear, and the two output logits are per-row dot products (BLAS
+    rounds a 2-column GEMM differently for different row counts)."""
+    h = torch.relu(linear(hidden.float(), head.w1_prepared, head.b1))
+    l0, l1 = ((h * head.w2[k]).sum(-1) + head.b2[k] for k in (0, 1))
+    return (l1 - l0).clamp(-LOGIT_CLIP, LOGIT_CLIP)
 
 
 def weigh(step_logit: torch.Tensor, running: torch.Tensor, scored: torch.Tensor, seg_starts: torch.Tensor,
