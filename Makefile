@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(BIN)/pip install -q --upgrade "pip>=23" setuptools wheel "pybind11>=2.12"
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-build-isolation -e ".[dev,triton]"
-	@$(BIN)/python -c "import pfengine._cpp as m; print('C++ CPU kernels: built (' + m.isa() + ')')" 2>/dev/null \
+	@$(BIN)/python -c "import pfengine._cpp as m; print('C++ CPU kernels: built (this CPU runs ' + ', '.join(m.cpu_isas()) + ')')" 2>/dev/null \
 		|| echo "WARNING: C++ CPU kernels not built or not importable; the torch reference kernels will run"
 	touch $(STAMP)
 
