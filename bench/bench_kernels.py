@@ -24,7 +24,7 @@ import torch
 
 from pfengine.cache.block_manager import BlockManager
 from pfengine.kernels import cpp_ops
-from pfengine.kernels.fork import fork_cpp, fork_ref
+from pfengine.kernels.fork import BlockState, fork_cpp, fork_ref
 from pfengine.kernels.linear import Weight, linear, linear_ref, vocab_projection_ref
 from pfengine.kernels.paged_attention import paged_decode_attention_cpp, paged_decode_attention_ref
 from pfengine.kernels.resample import resample_cpp, resample_ref
@@ -84,13 +84,13 @@ def test_resample_and_fork(benchmark, n, impl):
     writes = torch.ones(n, dtype=torch.bool)
 
     def setup():
-        state = (bm.tables.clone(), bm.lens.clone(), bm.ref_counts.clone(), bm.free_stack.clone(),
-                 torch.tensor([bm.num_free], dtype=torch.int64))
+        state = BlockState(bm.tables.clone(), bm.lens.clone(), bm.ref_counts.clone(), bm.free_stack.clone(),
+                           torch.tensor([bm.num_free], dtype=torch.int64))
         return state, {}
 
     def step(*state):
         anc = resample(w, seg, u, "systematic")
-        return fork(*state, rows, anc, writes, B)
+        return fork(BlockState(*state), rows, anc, writes, B)
 
     benchmark.group = f"resample+fork N={n}"
     res = benchmark.pedantic(step, setup=setup, rounds=200 if n == 64 else 50, warmup_rounds=2)

@@ -483,7 +483,7 @@ def markdown(result: dict) -> str:
                                  f"{p['achieved_gflops']:.1f} |")
     prof = result.get("profile")
     if prof:
-        from bench.phases import format_phase_table
+        from pfengine.profiling import format_phase_table
 
         mc = prof["machine"]
         lines += ["", describe_machine(mc) + f" Reference: {mc['reference']['gemm_gflops']:.0f} GFLOP/s, "
@@ -536,7 +536,7 @@ def plots(result: dict, out_dir: Path, tag: str) -> None:
     plt.close(fig)
     prof = result.get("profile")
     if prof:
-        from bench.phases import PHASES
+        from pfengine.profiling import PHASES
 
         keys = list(prof["per_n"])
         fig, ax = plt.subplots(figsize=(7, 4.5))

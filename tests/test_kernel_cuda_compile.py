@@ -48,18 +48,19 @@ def _record_launches():
     copy_blocks.copy_blocks_triton(torch.zeros(2, 2, 4, 16, 2, 64, dtype=torch.bfloat16), torch.tensor([[0], [1]]))
     h = 64
     head = PRMHead(torch.randn(h, h), torch.randn(h), torch.randn(2, h), torch.randn(2))
+    prm_score.head_logit_triton(torch.randn(5, h), head)
     for agg, temp in (("model", 1.0), ("min", torch.ones(5)), ("prod", 0.7)):
-        prm_score.score_particles_triton(torch.randn(5, h), head, torch.zeros(5), torch.ones(5, dtype=torch.bool),
-                                         torch.tensor([0, 2, 5]), agg, temp)
+        prm_score.weigh_triton(torch.randn(5), torch.zeros(5), torch.ones(5, dtype=torch.bool),
+                               torch.tensor([0, 2, 5]), agg, temp)
     prm_score.weigh_triton(torch.randn(5), torch.zeros(5), torch.ones(5, dtype=torch.bool), torch.tensor([0, 5]),
                            "last", 1.0)
     for method in resample.METHODS:
         resample.resample_triton(torch.rand(6), torch.tensor([0, 2, 6]), torch.rand(6), method)
     resample.resample_triton(torch.rand(6), torch.tensor([0, 2, 6]), torch.rand(6), "systematic",
                              active=torch.ones(2, dtype=torch.bool))
-    fork.fork_triton(torch.zeros(4, 3, dtype=torch.int32), torch.zeros(4, dtype=torch.int64),
-                     torch.zeros(10, dtype=torch.int32), torch.zeros(10, dtype=torch.int32), torch.tensor([10]),
-                     torch.arange(3), torch.zeros(3, dtype=torch.int64), torch.ones(3, dtype=torch.bool), 4)
+    state = fork.BlockState(torch.zeros(4, 3, dtype=torch.int32), torch.zeros(4, dtype=torch.int64),
+                            torch.zeros(10, dtype=torch.int32), torch.zeros(10, dtype=torch.int32), torch.tensor([10]))
+    fork.fork_triton(state, torch.arange(3), torch.zeros(3, dtype=torch.int64), torch.ones(3, dtype=torch.bool), 4)
     return launches
 
 

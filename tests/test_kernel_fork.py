@@ -39,5 +39,5 @@ def test_profiler_range():
     bm = fork_scenario(4)
     rows = torch.arange(8)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fork(*block_state(bm), rows, torch.zeros(8, dtype=torch.int64), torch.ones(8, dtype=torch.bool), bm.block_size)
+        fork(block_state(bm), rows, torch.zeros(8, dtype=torch.int64), torch.ones(8, dtype=torch.bool), bm.block_size)
     assert "pfengine::fork" in {e.name for e in prof.events()}

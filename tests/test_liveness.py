@@ -113,8 +113,7 @@ class EngineMachine(RuleBasedStateMachine):
     @invariant()
     def caches_and_rows_are_consistent(self) -> None:
         s = self.engine.scheduler
-        for runner in self.engine.runners:
-            runner.blocks.check_invariants()
+        self.engine.caches.check_invariants()
         held = [row for r in s.running for row in r.all_rows]
         assert sorted(held + s.free_rows) == list(range(self.engine.config.max_particles))
         if not s.running:

@@ -107,9 +107,9 @@ def test_prm_reads_each_step_in_one_extend_and_siblings_fork_mid_step(policy_dir
         calls["decode"] += 1
         return decode(*a, **k)
 
-    def count_extend(rows, token_lists):
+    def count_extend(rows, token_lists, **kw):
         calls["extend_rows"].append(len(rows))
-        return extend(rows, token_lists)
+        return extend(rows, token_lists, **kw)
 
     def count_catch_up(rows, pending):
         calls["catch_up"] += 1

@@ -26,13 +26,14 @@ import logging
 import os
 from contextlib import nullcontext
 from types import ModuleType
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, TypeVar
 
 import torch
 
 __all__ = ["use_triton", "use_cpp", "cpp_ops", "cpu_isa", "CPU_ISAS", "profiled", "lazy_jit", "next_pow2", "cdiv", "triton_available"]
 
 log = logging.getLogger("pfengine")
+IntLike = TypeVar("IntLike", int, torch.Tensor)
 
 _TRITON_AVAILABLE: bool | None = None
 
@@ -139,7 +140,8 @@ def profiled(name: str) -> ContextManager[Any]:
     return nullcontext()
 
 
-def cdiv(a: int, b: int) -> int:
+def cdiv(a: IntLike, b: int) -> IntLike:
+    """``ceil(a / b)`` for non-negative ints or integer tensors."""
     return (a + b - 1) // b
 
 
