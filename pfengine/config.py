@@ -23,6 +23,8 @@ SELECTIONS = ("argmax", "sample", "vote")
 SEED_RANGE = (0, 2**64 - 1)
 WEIGHT_TEMPERATURE_RANGE = (1e-4, 1e4)
 """Tempered log-weights logit(r) / T stay finite and comparable in float32 inside this range."""
+MAX_DELIMITER_CHARS = 64
+"""Longest step delimiter (step ends are matched on token ids by a table with a row per character)."""
 GREEDY_BELOW = 1e-5
 """A sampling temperature below this is greedy (dividing logits by it would overflow)."""
 
@@ -121,7 +123,8 @@ class SamplingParams:
         for name in ("max_step_tokens", "max_steps", "max_tokens"):
             setattr(self, name, _int(name, getattr(self, name), 1))
         _string("step_delimiter", self.step_delimiter)
-        require(len(self.step_delimiter) > 0, "step_delimiter", "must be a non-empty string")
+        require(0 < len(self.step_delimiter) <= MAX_DELIMITER_CHARS, "step_delimiter",
+                f"must be a non-empty string of at most {MAX_DELIMITER_CHARS} characters, got {len(self.step_delimiter)}")
         _bool("stop_on_eos", self.stop_on_eos)
 
     @property

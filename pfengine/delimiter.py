@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
-MAX_DELIMITER_CHARS = 64
-"""Longest step delimiter (its table has one row per character)."""
+from pfengine.config import MAX_DELIMITER_CHARS
+
 UNKNOWN = -1
 
 
