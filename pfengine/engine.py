@@ -56,7 +56,8 @@ class Engine:
         c = self.config
         decoder = load_decoder(path, c.num_blocks, c.block_size, getattr(torch, c.kv_dtype), self.max_len, c.device)
         max_blocks = (self.max_len + c.block_size - 1) // c.block_size
-        return ModelRunner(decoder, BlockManager(c.num_blocks, c.block_size, c.max_particles, max_blocks, c.device))
+        return ModelRunner(decoder, BlockManager(c.num_blocks, c.block_size, c.max_particles, max_blocks, c.device),
+                           c.cuda_graphs)
 
     def _load_prm(self, prm_fn: PRMFn | None, hidden_size: int) -> PRM | None:
         path, pc = self.config.prm, self.config.prm_config
