@@ -68,7 +68,7 @@ class Engine:
         if path is None:
             return None
         if Path(path).is_file():
-            return ValueHeadPRM(load_value_head(path, hidden_size))
+            return ValueHeadPRM(load_value_head(path, hidden_size, self.config.device))
         shepherd = pc.good_token is not None
         prm_cfg = read_config(path)
         if prm_cfg.is_prm == shepherd:

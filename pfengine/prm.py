@@ -116,11 +116,12 @@ class CallablePRM:
         return p
 
 
-def load_value_head(path: str | Path, hidden_size: int) -> PRMHead:
-    """A safetensors file with ``score.0.{weight,bias}`` (H x H) and ``score.2.{weight,bias}`` (2 x H)."""
+def load_value_head(path: str | Path, hidden_size: int, device: str | torch.device = "cpu") -> PRMHead:
+    """A safetensors file with ``score.0.{weight,bias}`` (H x H) and ``score.2.{weight,bias}`` (2 x H),
+    on the policy's ``device`` (the head reads its hidden states there)."""
     H = hidden_size
     shapes = {"score.0.weight": (H, H), "score.0.bias": (H,), "score.2.weight": (2, H), "score.2.bias": (2,)}
     if not str(path).endswith(".safetensors"):
         raise CheckpointError(f"value head {str(path)!r}: expected a .safetensors file")
     t = load_tensors(path, shapes)
-    return PRMHead(t["score.0.weight"], t["score.0.bias"], t["score.2.weight"], t["score.2.bias"])
+    return PRMHead(*(t[name].to(device) for name in shapes))
