@@ -68,6 +68,16 @@ def _cpp_path(request, monkeypatch):
     monkeypatch.delenv("PFENGINE_CPP", raising=False)
 
 
+@pytest.fixture()
+def one_thread():
+    """One torch thread: a tiny model's steps are Python-bound, and a second thread only spins (on a
+    shared 2-core box, OpenMP's barriers make every op up to 100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory):
     """``checkpoint_dir(name)``: a tiny random checkpoint saved once per session."""
