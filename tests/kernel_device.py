@@ -15,7 +15,11 @@ import torch
 
 DEVICE = torch.device(os.environ.get("PFENGINE_TEST_DEVICE", "cpu"))
 
-cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="checks the CPU dispatch or the interpreter, not a kernel")
+
+
+def cpu_only(why: str) -> pytest.MarkDecorator:
+    """For a test that means something on the CPU test device only (it says ``why``)."""
+    return pytest.mark.skipif(DEVICE.type != "cpu", reason=f"CPU test device only: {why}")
 
 
 def on_device(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -17,10 +17,12 @@ from pfengine.cuda_graphs import LARGEST_BUCKET, DecodeGraphs, StaticDecodeInput
 from pfengine.model.decoder import ForwardBatch, load_decoder
 from pfengine.runner import ModelRunner
 
+from kernel_device import cpu_only
 from kernel_paths import assert_same_run, meta_batch, meta_decoder, run_pf
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check runs it there)")
 
+INTERPRETED = cpu_only("Triton forced on CPU or meta tensors, which needs the interpreter")
 ROWS = 16
 PROMPTS = {0: 3, 1: 8, 3: 15, 4: 1, 6: 9}
 """Prefilled rows and their lengths: a block (8 tokens) just full, ragged ends, one token."""
@@ -72,7 +74,7 @@ NAN_OF_EMPTY_CONTEXT = pytest.mark.filterwarnings("ignore:invalid value encounte
 
 @pytest.mark.parametrize("path", ["reference", pytest.param("cpp", marks=pytest.mark.cpp),
                                   pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.slow,
-                                                                NAN_OF_EMPTY_CONTEXT])])
+                                                                NAN_OF_EMPTY_CONTEXT, INTERPRETED])])
 def test_padded_static_batch_equals_the_runners_decode(policy_dir, monkeypatch, path):
     if path == "reference":
         monkeypatch.setenv("PFENGINE_TRITON", "0")
@@ -113,6 +115,7 @@ class OnlyMeta(TorchDispatchMode):
 
 
 @pytest.mark.triton
+@INTERPRETED
 def test_decode_step_is_capture_safe_at_qwen_1_5b_shape(monkeypatch):
     """The bucketed decode forward as CUDA runs it (Triton dispatch), on meta tensors: no host sync,
     no host tensor, and launch grids that follow from the bucket alone. The torch reference path

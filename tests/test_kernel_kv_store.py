@@ -38,7 +38,7 @@ def test_single_token_and_profiler_range():
     assert "pfengine::store_kv" in {e.name for e in prof.events()}
 
 
-@cpu_only
+@cpu_only("the dispatch of CPU tensors")
 def test_dispatch_switch(monkeypatch):
     t = torch.zeros(1)
     assert use_triton(t)  # forced by the fixture
@@ -52,7 +52,7 @@ def test_dispatch_switch(monkeypatch):
         use_triton(t)
 
 
-@cpu_only
+@cpu_only("every kernel on the CPU, in a subprocess without triton")
 def test_package_works_without_triton():
     """triton is an optional extra: with it unimportable, the kernels import and run another path."""
     run_without("triton", "from pfengine.kernels import triton_available\nassert not triton_available()")
