@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left
+from typing import Callable
 
 import torch
 
@@ -84,7 +85,7 @@ class DecodeGraphs:
     must be updated in place from then on (the block manager and the COW copies do)."""
 
     def __init__(self, decoder: PagedDecoder, max_batch: int, largest: int = LARGEST_BUCKET) -> None:
-        assert decoder.kv_cache.is_cuda and decoder.tables is not None
+        assert decoder.tables is not None, "decode graphs: the decoder has no block tables yet"
         self.decoder = decoder
         self.sizes = bucket_sizes(max_batch, largest)
         self.inputs = StaticDecodeInputs(self.sizes[-1], decoder.kv_cache.device)
@@ -102,30 +103,38 @@ class DecodeGraphs:
         if size is None:
             return self.decoder.forward(batch)
         assert self._addresses() == self._bound, "decode graphs: the block tables or the KV cache were reallocated"
-        if size not in self.graphs:
-            self.graphs[size] = self._capture(size)
-        graph, out = self.graphs[size]
+        graph, out = self._graph(size)
         self.inputs.load(batch, size)
         graph.replay()
         self.replays += 1
         return out[:n].clone()
 
-    def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        self.inputs.clear(size)
-        static = self.inputs.batch(size)
-        current = torch.cuda.current_stream(self.stream.device)
-        self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            self.decoder.forward(static)
-        current.wait_stream(self.stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
-            out = self.decoder.forward(static)
-        log.info("captured the decode graph of %d rows", size)
-        return graph, out
+    def _graph(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The bucket's graph and output buffer, captured from padding rows the first time."""
+        if size not in self.graphs:
+            self.inputs.clear(size)
+            static = self.inputs.batch(size)
+            self.graphs[size] = capture_graph(lambda: self.decoder.forward(static), self.pool, self.stream)
+            log.info("captured the decode graph of %d rows", size)
+        return self.graphs[size]
 
     def _addresses(self) -> tuple[int, int]:
         return self.decoder.tables.data_ptr(), self.decoder.kv_cache.data_ptr()
+
+
+def capture_graph(fn: Callable[[], torch.Tensor], pool: tuple[int, int], stream: torch.cuda.Stream
+                  ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """``fn``'s kernels as a CUDA graph, captured on ``stream`` into memory ``pool`` after one eager run
+    of ``fn`` on that stream; the graph and ``fn``'s output, which every replay rewrites in place."""
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        fn()
+    current.wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+        out = fn()
+    return graph, out
 
 
 def decode_graphs(decoder: PagedDecoder, max_batch: int) -> DecodeGraphs | None:

@@ -2,19 +2,22 @@
 
 Here (no GPU): the buckets; the padded static batch a graph replays, run eagerly on every CPU kernel
 path against the runner's own decode (same hidden states for the real rows, padding rows that repeat
-row 0 and write nothing to the cache); and the decode forward at Qwen2.5-Math-1.5B's shape on the
-meta device with the Triton dispatch of CUDA, where any host sync (``.item()``, ``.tolist()``, a
-boolean mask) or a CPU tensor raises, as they would break a capture. On a CUDA machine (``make
-gpu-check``) the graphs themselves: replay equals eager decode, and the engine's particles are the same."""
+row 0 and write nothing to the cache); DecodeGraphs' own logic with a re-run of the captured function
+standing in for a replay (all but ``capture_graph``); and the decode forward at Qwen2.5-Math-1.5B's
+shape on the meta device with the Triton dispatch of CUDA, where any host sync (``.item()``,
+``.tolist()``, a boolean mask) or a CPU tensor raises, as they would break a capture. On a CUDA machine
+(``make gpu-check``) the graphs themselves: replay equals eager decode, and the engine's particles are
+the same with and without graphs."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import pfengine.cuda_graphs as cuda_graphs
 import pfengine.kernels as K
 from pfengine.cache.block_manager import BlockManager
 from pfengine.cuda_graphs import LARGEST_BUCKET, DecodeGraphs, StaticDecodeInputs, bucket_for, bucket_sizes
-from pfengine.model.decoder import ForwardBatch, load_decoder
+from pfengine.model.decoder import ForwardBatch, PagedDecoder, load_decoder
 from pfengine.runner import ModelRunner
 
 from kernel_device import cpu_only
@@ -142,21 +145,66 @@ def test_decode_step_is_capture_safe_at_qwen_1_5b_shape(monkeypatch):
         decoder.forward(inputs.batch(8))
 
 
-@cuda
-def test_graph_replay_equals_eager_decode_on_cuda(policy_dir):
+def check_graphs_against_eager(policy_dir: str, device: str, tol: float) -> DecodeGraphs:
     """Same hidden states and caches as eager decode for batches in, between and above the buckets
     (largest 8 here: 13 rows run eagerly); a bucket is captured once and replayed after."""
-    graphed, eager = prefilled_runner(policy_dir, "cuda"), prefilled_runner(policy_dir, "cuda")
-    graphed.graphs = DecodeGraphs(graphed.decoder, ROWS, largest=8)
+    graphed, eager = prefilled_runner(policy_dir, device), prefilled_runner(policy_dir, device)
+    graphs = graphed.graphs = DecodeGraphs(graphed.decoder, ROWS, largest=8)
     g = torch.Generator().manual_seed(3)
     for rows in ([6], [6, 1, 3], [6, 1, 3, 0, 4], list(range(8)), list(range(13)), [6, 1, 3]):
         tokens = torch.randint(0, 370, (len(rows),), generator=g)
         out_g = graphed.decode(torch.tensor(rows), tokens)
         out_e = eager.decode(torch.tensor(rows), tokens)
-        torch.testing.assert_close(out_g, out_e, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(graphed.decoder.kv_cache, eager.decoder.kv_cache, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out_g, out_e, rtol=tol, atol=tol)
+        torch.testing.assert_close(graphed.decoder.kv_cache, eager.decoder.kv_cache, rtol=tol, atol=tol)
         assert torch.equal(graphed.blocks.lens, eager.blocks.lens)
-    assert sorted(graphed.graphs.graphs) == [1, 4, 8] and graphed.graphs.replays == 5
+    assert sorted(graphs.graphs) == [1, 4, 8] and graphs.replays == 5
+    return graphs
+
+
+class EagerGraph:
+    """Stands in for a CUDA graph on the CPU: a replay runs the captured function again into the same
+    output buffer (a real replay relaunches its kernels on the same buffers)."""
+
+    def __init__(self, fn, out: torch.Tensor) -> None:
+        self.fn, self.out = fn, out
+
+    def replay(self) -> None:
+        with torch.inference_mode():  # the decoder's output is an inference tensor
+            self.out.copy_(self.fn())
+
+
+def test_decode_graphs_load_replay_and_fall_back_as_eager_decode(policy_dir, monkeypatch):
+    """DecodeGraphs' own logic on the CPU, a graph replay standing in as a re-run of the captured
+    function: each bucket is captured once from padding rows only, the batch is loaded after the
+    capture, outputs and caches equal eager decode, 13 rows (above the largest bucket) run eagerly,
+    and reallocated tables are refused."""
+    forwarded, captured = [], []
+    forward = PagedDecoder.forward
+    monkeypatch.setattr(PagedDecoder, "forward", lambda self, batch: forwarded.append(batch) or forward(self, batch))
+
+    def capture(fn, pool, stream):
+        forwarded.clear()
+        out = fn()
+        (static,) = forwarded
+        captured.append((static.slots.tolist(), static.context_lens.tolist()))
+        return EagerGraph(fn, out), out
+
+    monkeypatch.setattr(cuda_graphs, "capture_graph", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
+    graphs = check_graphs_against_eager(policy_dir, "cpu", 1e-6)
+    assert [len(slots) for slots, _ in captured] == [1, 4, 8]
+    assert all(set(slots) == {-1} and set(lens) == {0} for slots, lens in captured), "captured from real rows"
+    graphs.decoder.tables = graphs.decoder.tables.clone()
+    one = torch.tensor([1])
+    with pytest.raises(AssertionError, match="reallocated"):
+        graphs.forward(ForwardBatch(one, one, one, one, [0, 1], one))
+
+
+@cuda
+def test_graph_replay_equals_eager_decode_on_cuda(policy_dir):
+    check_graphs_against_eager(policy_dir, "cuda", 1e-4)
 
 
 @cuda
