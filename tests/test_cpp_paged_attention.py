@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernel_cases import (ATTENTION_CASES, EXTEND_CASES, attention_case, check_attention,
-                          check_attention_single_token_and_empty, check_extend_attention)
+                          check_attention_single_token_and_empty, check_extend_attention, dispatched_extend)
 from pfengine.kernels import paged_attention as pa
 from pfengine.kernels.paged_attention import (
     paged_decode_attention, paged_decode_attention_cpp, paged_decode_attention_ref)
@@ -134,4 +134,4 @@ def test_dispatch_takes_cpp_on_cpu_and_the_reference_with_pfengine_cpp_0(monkeyp
 @pytest.mark.parametrize("case", EXTEND_CASES)
 def test_extend_runs_every_new_token_as_a_decode_row(isa, case):
     """Prefill / PRM extends: each new token attends causally over its sequence's blocks."""
-    check_extend_attention(*case)
+    check_extend_attention(dispatched_extend, *case)

@@ -8,6 +8,7 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
+from kernel_device import on_device  # noqa: E402
 from pfengine.kernels.prm_score import (  # noqa: E402
     LOGIT_CLIP, P_CLIP, PRMHead, head_logit, head_logit_ref, head_logit_triton, initial_running, weigh, weigh_ref,
     weigh_triton)
@@ -81,7 +82,8 @@ def test_score_matches_reference_and_numpy(agg, per_row_temp):
     seg_starts = torch.tensor([0, 4, 4, 5, 9])  # includes an empty and a single-particle segment
     temperature = torch.rand(m, generator=g) + 0.5 if per_row_temp else 0.8
     ref = weigh_ref(head_logit_ref(hidden, head), running, scored, seg_starts, agg, temperature)
-    got = weigh_triton(head_logit_triton(hidden, head), running, scored, seg_starts, agg, temperature)
+    got = on_device(weigh_triton)(on_device(head_logit_triton)(hidden, head), running, scored, seg_starts, agg,
+                                  temperature)
     oracle = _numpy_score(hidden, head, running, scored, seg_starts, agg, temperature)
     for a, b, o in zip(got, ref, oracle):
         assert a.dtype == torch.float32 and a.shape == b.shape
@@ -100,8 +102,8 @@ def test_chunked_paths():
     running = _running(m, "prod", g)
     seg_starts = torch.tensor([0, 37, 40])
     ref = weigh_ref(head_logit_ref(hidden, head), running, scored, seg_starts, "prod", 1.0)
-    step = head_logit_triton(hidden, head, block_m=16, block_h=32)
-    got = weigh_triton(step, running, scored, seg_starts, "prod", 1.0, block_m=16, block_seg=16)
+    step = on_device(head_logit_triton)(hidden, head, block_m=16, block_h=32)
+    got = on_device(weigh_triton)(step, running, scored, seg_starts, "prod", 1.0, block_m=16, block_seg=16)
     for a, b in zip(got, ref):
         _close(a, b)
 
@@ -117,7 +119,7 @@ def test_weigh_from_step_logits(agg):
     scored = torch.tensor([1, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
     seg_starts = torch.tensor([0, 3, 7])
     ref = weigh_ref(step, running, scored, seg_starts, agg, torch.full((m,), 1.5))
-    got = weigh_triton(step, running, scored, seg_starts, agg, torch.full((m,), 1.5))
+    got = on_device(weigh_triton)(step, running, scored, seg_starts, agg, torch.full((m,), 1.5))
     for a, b in zip(got, ref):
         _close(a, b)
 
@@ -128,15 +130,16 @@ def test_all_weight_on_one_particle_and_empty_batch():
     step[3] = LOGIT_CLIP
     running, scored = initial_running(m, "last"), torch.ones(m, dtype=torch.bool)
     seg_starts = torch.tensor([0, m])
-    _, log_w, ess = weigh(step, running, scored, seg_starts, "last", 1.0)
+    _, log_w, ess = on_device(weigh)(step, running, scored, seg_starts, "last", 1.0)
     _, ref_w, ref_ess = weigh_ref(step, running, scored, seg_starts, "last", 1.0)
     _close(log_w, ref_w)
     assert log_w[3] == 0.0 and bool((log_w.exp()[[0, 1, 2, 4]] < 1e-12).all())
     assert abs(float(ess[0]) - 1.0) < 1e-6 and abs(float(ref_ess[0]) - 1.0) < 1e-6
 
     head = _head(8, seed=1)
-    assert head_logit(torch.zeros(0, 8), head).shape == (0,)
-    empty = weigh(torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.tensor([0, 0]), "model", 1.0)
+    assert on_device(head_logit)(torch.zeros(0, 8), head).shape == (0,)
+    empty = on_device(weigh)(torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.tensor([0, 0]),
+                             "model", 1.0)
     ref = weigh_ref(torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.tensor([0, 0]), "model",
                     1.0)
     assert empty[0].shape == (0,) and empty[1].shape == (0,)
@@ -148,9 +151,9 @@ def test_unknown_aggregation_and_profiler_ranges():
     hidden = torch.randn(3, 16)
     args = (torch.zeros(3), torch.ones(3, dtype=torch.bool), torch.tensor([0, 3]))
     with pytest.raises(ValueError):
-        weigh(head_logit(hidden, head), *args, "mean", 1.0)
+        on_device(weigh)(on_device(head_logit)(hidden, head), *args, "mean", 1.0)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        weigh(head_logit(hidden, head), *args, "min", 1.0)
+        on_device(weigh)(on_device(head_logit)(hidden, head), *args, "min", 1.0)
     names = {e.name for e in prof.events()}
     assert {"pfengine::prm_head_gemm", "pfengine::prm_head_epilogue", "pfengine::prm_score_rows",
             "pfengine::prm_normalise"} <= names

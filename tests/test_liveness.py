@@ -5,7 +5,6 @@ door, a PRM that raises for some prompts, and engine faults injected into the de
 import threading
 
 import pytest
-import torch
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
@@ -128,15 +127,6 @@ class EngineMachine(RuleBasedStateMachine):
         assert not self.engine.has_work, f"stuck: {len(self.engine.waiting)} waiting, {len(self.engine.running)} running"
         assert set(self.added) == set(self.ended), "a request ended with neither a result nor an error"
         assert self.engine.stats()["policy_blocks_in_use"] == 0
-
-
-@pytest.fixture()
-def one_thread():
-    """The tiny model's steps are Python-bound: a second torch thread only spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from pfengine import Engine, EngineConfig, PRMConfig, SearchParams, Request, SamplingParams
 from pfengine.model.checkpoint import CheckpointError
+from pfengine.prm import load_value_head
 
 
 def head_prob(hidden: torch.Tensor, t: dict[str, torch.Tensor]) -> float:
@@ -92,6 +93,12 @@ def test_value_head_scores_equal_policy_hidden_state(policy_dir, value_head_file
         with torch.no_grad():
             hidden = hf.model(torch.tensor([prompt + p.token_ids])).last_hidden_state[0, -1]
         assert p.score == pytest.approx(head_prob(hidden, head), abs=1e-4)
+
+
+def test_value_head_is_loaded_on_the_policys_device(value_head_file):
+    """The head reads the policy's hidden states where they are (meta stands for a GPU here)."""
+    head = load_value_head(value_head_file, 64, "meta")
+    assert {t.device.type for t in (head.w1, head.b1, head.w2, head.b2)} == {"meta"}
 
 
 def test_prm_reads_each_step_in_one_extend_and_siblings_fork_mid_step(policy_dir, prm_dir):

@@ -36,6 +36,8 @@ PARAM_CASES = [
     ("bad block size", lambda: EngineConfig(model="x", block_size=12), ValueError,
      "block_size: must be a positive power of two"),
     ("bad kv dtype", lambda: EngineConfig(model="x", kv_dtype="int8"), ValueError, "kv_dtype: must be one of"),
+    ("cuda_graphs not a bool", lambda: EngineConfig(model="x", cuda_graphs="no"), TypeError,
+     "cuda_graphs: expected true or false, got 'no'"),
 ]
 
 
