@@ -9,6 +9,7 @@ import argparse
 import codecs
 import json
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -27,9 +28,11 @@ if TYPE_CHECKING:
     from pfengine.config import Request
     from pfengine.engine import Engine
     from pfengine.eval.dataset import Problem
-    from pfengine.eval.runner import Run
+    from pfengine.eval.runner import ResultHook, Run
     from pfengine.state import PFResult
 
+TRACE_PROBLEMS = 10
+"""``eval --trace-html`` draws this many problems of each run by default."""
 TOY_PROMPT = "Start with 47. Add 38. Subtract 29. Add 16. What is the result?"
 """The default prompt of ``bench`` and ``profile``: a problem of the bundled toy task."""
 BENCH_STEPS, BENCH_STEP_TOKENS = 4, 32
@@ -265,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=_positive, help="only the first LIMIT problems of DATA")
     g.add_argument("--out", help="output directory (default out/eval/<DATA's name>)")
     g.add_argument("--fresh", action="store_true", help="discard earlier results in --out instead of resuming")
+    g.add_argument("--trace-html", metavar="DIR",
+                   help="also draw the genealogy of each run's first --trace-problems problems: "
+                        "DIR/<method>-<budget>/<index>-<id>.html, marking which candidates' answers are right")
+    g.add_argument("--trace-problems", type=_positive, default=TRACE_PROBLEMS, metavar="K",
+                   help=f"with --trace-html: how many problems of each run to draw (default {TRACE_PROBLEMS})")
     _add_engine_options(ev)
     _add_prompt_options(ev)
     _add_request_options(ev, budget=False)
@@ -545,7 +553,11 @@ def run_eval(args: argparse.Namespace, engine: Engine, problems: list[Problem]) 
     def build(problem: Problem, run: Run, seed: int) -> Request:
         return make_request(args, make_prompt(engine, args, problem.problem), seed, run.method, run.budget)
 
-    records = runner.evaluate(engine, problems, runs, build, args.seed, out, progress=not args.no_progress)
+    if args.trace_problems != TRACE_PROBLEMS and not args.trace_html:
+        raise ValueError("--trace-problems: only with --trace-html DIR (it says how many problems to draw)")
+    trace = _eval_tracer(args.trace_html, args.trace_problems, engine) if args.trace_html else None
+    records = runner.evaluate(engine, problems, runs, build, args.seed, out, progress=not args.no_progress,
+                              on_result=trace)
     rows = report.summarise(records, [(r.method, r.budget) for r in runs])
     paths = report.write(rows, out, title=f"pfengine on {Path(args.data).name} ({len(problems)} problems)")
     if args.json:
@@ -555,6 +567,21 @@ def run_eval(args: argparse.Namespace, engine: Engine, problems: list[Problem]) 
         note = "" if len(paths) > 2 else " (no plot: it needs matplotlib, pip install 'pfengine[viz]')"
         print(f"\nWrote {out / runner.RESULTS}, " + ", ".join(str(p) for p in paths) + note)
     return 0
+
+
+def _eval_tracer(out_dir: str, limit: int, engine: Engine) -> ResultHook:
+    """Draw the genealogy (HTML only: a PNG per problem would cost more than the run) of each
+    finished request among the first ``limit`` problems, graded against the problem's reference."""
+    from pfengine import genealogy
+    from pfengine.eval.grading import grade
+
+    def trace(index: int, problem: Problem, run: Run, request: Request, result: PFResult) -> None:
+        if index < limit:
+            name = f"{index:04d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', problem.unique_id)[:80]}"
+            genealogy.write_result(result, request, engine.detokenize, Path(out_dir) / f"{run.method}-{run.budget}",
+                                   name, grade=lambda text: grade(problem.answer, text).correct, png=False)
+
+    return trace
 
 
 def eval_settings(args: argparse.Namespace, engine: Engine, chat: bool) -> dict:
