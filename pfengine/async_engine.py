@@ -59,6 +59,11 @@ class AsyncEngine:
                 return event.result
         raise RuntimeError("request ended without a result")
 
+    @property
+    def idle(self) -> bool:
+        """No engine loop is running (it stops when the engine has no work left)."""
+        return self._task is None or self._task.done()
+
     async def flush(self) -> None:
         """Wait until everything submitted to the engine's worker so far (aborts included) is done."""
         await asyncio.get_running_loop().run_in_executor(self._worker, lambda: None)

@@ -1,39 +1,38 @@
-"""Amortise a separate PRM into the policy's value head.
-
-    pfengine distill --prm PRM_DIR --out HEAD.safetensors [--model POLICY] [--problems N | --data FILE.jsonl]
+"""Amortise a separate PRM into the policy's value head: ``pfengine distill``.
 
 Particle filtering with a separate PRM pays for a second model's forward on every step; the PF
 authors name the next step: let the policy act as its own PRM. ``distill`` runs PF with the
 separate PRM on training prompts, records every particle state the filter scored together with the
-PRM's probability for that state's newest step, and fits a value head (``Linear(H,H) -> ReLU ->
-Linear(H,2)`` on the policy's final hidden state at the step's last token: the file
-``EngineConfig(prm=FILE)`` reads) to those probabilities by cross-entropy. PF with the head needs
-no PRM model: the head reads a hidden state the policy computes anyway.
+PRM's probability for it, and fits a value head (``Linear(H,H) -> ReLU -> Linear(H,2)`` on the
+policy's final hidden state at the step's last token: the file ``EngineConfig(prm=FILE)`` reads)
+to those probabilities by cross-entropy. PF with the head needs no PRM model: the head reads a
+hidden state the policy computes anyway.
 
 The states come from PF's own traces, so the head learns where PF will query it: every candidate
-step of every round, the ones resampling dropped included. The trace's score of a particle is its
-newest step's probability under ``model`` and ``last`` aggregation, so the traces are taken under
-one of those; the head is then used under the aggregation the PRM is used with (``min`` for a
-judge of single steps: ``last`` feeds it the same input, a tag after every step).
+step of every round, the ones resampling dropped included. A trace's score of a particle is the
+PRM's probability of its newest state under ``model`` and ``last`` aggregation only, so the traces
+are taken under one of those (:data:`TRACE_AGGREGATIONS`); the head is then used under the
+aggregation the PRM is used with.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from pfengine.config import Request
-from pfengine.engine import Engine
 from pfengine.prompting import encode_prompt
-from pfengine.state import PFResult
+
+if TYPE_CHECKING:
+    from pfengine.config import Request
+    from pfengine.engine import Engine
+    from pfengine.state import PFResult
 
 TRACE_AGGREGATIONS = ("model", "last")
 """Aggregations under which a trace's score of a particle is the PRM's probability of its newest step."""
@@ -178,13 +177,13 @@ def collect(engine: Engine, requests: list[Request], chunk: int = 64,
             progress: Callable[[int], None] = lambda n: None) -> list[Trajectory]:
     """Run the PF ``requests`` (their aggregation one of :data:`TRACE_AGGREGATIONS`), ``chunk`` at a
     time, and return their trajectories."""
+    for r in requests:
+        if r.search.method != "particle_filter" or r.search.aggregation not in TRACE_AGGREGATIONS:
+            raise ValueError(f"method / aggregation: distill traces particle_filter under "
+                             f"{' or '.join(TRACE_AGGREGATIONS)}, got {r.search.method} / {r.search.aggregation}")
     out: list[Trajectory] = []
     for a in range(0, len(requests), chunk):
         part = requests[a:a + chunk]
-        for r in part:
-            if r.search.method != "particle_filter" or r.search.aggregation not in TRACE_AGGREGATIONS:
-                raise ValueError(f"distill traces need particle_filter with aggregation in {TRACE_AGGREGATIONS}, "
-                                 f"got {r.search.method} / {r.search.aggregation}")
         for r, res in zip(part, engine.generate(part)):
             out += trajectories(encode_prompt(engine.tokenizer, r.prompt)[1], res)
         progress(len(part))
@@ -223,83 +222,8 @@ def save_head(head: Head, path: str | Path) -> None:
     save_file(head.state(), str(path))
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """The ``problem`` field of every line of a JSON-lines file (the paper's dataset format)."""
-    prompts = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--data {path}: line {n} is not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("problem"), str) or not row["problem"]:
-                raise ValueError(f"--data {path}: line {n} needs a non-empty string field 'problem'")
-            prompts.append(row["problem"])
-    if not prompts:
-        raise ValueError(f"--data {path}: no prompts")
-    return prompts
-
-
-def toy_requests(n: int, particles: int, aggregation: str, temperature: float, seed: int,
-                 max_steps: int | None, max_step_tokens: int | None) -> list[Request]:
-    """PF requests for ``n`` toy training problems (never a held-out one)."""
-    from pfengine.toy.pf import MAX_STEP_TOKENS, MAX_STEPS, pf_request
+def toy_problems(n: int, seed: int) -> list[str]:
+    """``n`` toy training problems (never a held-out one): the default prompts of the bundled policy."""
     from pfengine.toy.task import problems
 
-    return [pf_request(p, n_particles=particles, seed=seed * 1_000_003 + i, temperature=temperature,
-                       max_steps=max_steps or MAX_STEPS, max_step_tokens=max_step_tokens or MAX_STEP_TOKENS,
-                       aggregation=aggregation)
-            for i, p in enumerate(problems("train", 50_000 + seed, n))]
-
-
-def prompt_requests(prompts: list[str], particles: int, aggregation: str, temperature: float, seed: int,
-                    max_steps: int | None, max_step_tokens: int | None) -> list[Request]:
-    from pfengine.config import SamplingParams, SearchParams
-
-    steps, step_tokens = max_steps or 40, max_step_tokens or 256
-    return [Request(prompt=[{"role": "user", "content": p}],
-                    sampling=SamplingParams(temperature=temperature, seed=seed * 1_000_003 + i, max_steps=steps,
-                                            max_step_tokens=step_tokens, max_tokens=steps * step_tokens),
-                    search=SearchParams(n_particles=particles, aggregation=aggregation))
-            for i, p in enumerate(prompts)]
-
-
-def run_command(args) -> int:
-    """``pfengine distill`` (options in :mod:`pfengine.cli`)."""
-    from transformers import AutoModelForCausalLM
-
-    from pfengine.config import EngineConfig
-    from pfengine.toy.pf import POLICY, PRM
-
-    if args.threads is not None:
-        if args.threads <= 0:
-            raise ValueError(f"--threads must be positive, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if args.particles <= 0:
-        raise ValueError(f"--particles must be positive, got {args.particles}")
-    if args.problems <= 0:
-        raise ValueError(f"--problems must be positive, got {args.problems}")
-    if not str(args.out).endswith(".safetensors"):
-        raise ValueError(f"--out {args.out!r}: expected a .safetensors file name")
-    model, prm = args.model or str(POLICY), args.prm or str(PRM)
-    if not Path(prm).is_dir():
-        raise ValueError(f"--prm {prm!r}: expected a PRM checkpoint directory (distill learns from a separate PRM)")
-    shape = (args.particles, args.aggregation, args.temperature, args.seed, args.max_steps, args.max_step_tokens)
-    reqs = (prompt_requests(read_prompts(args.data), *shape) if args.data
-            else toy_requests(args.problems, *shape))
-    engine = Engine(EngineConfig(model=model, prm=prm, num_blocks=8192, max_particles=max(1024, 64 * args.particles)))
-    t = time.perf_counter()
-    trajs = collect(engine, reqs, progress=lambda n: print(f"traced {n} prompts", flush=True))
-    seconds_trace = time.perf_counter() - t
-    policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    head, report = distill(policy, engine.tokenizer.pad_token_id or 0, trajs, FitConfig(epochs=args.epochs,
-                                                                                         seed=args.seed),
-                           log=lambda m: print(m, flush=True))
-    report |= {"prompts": len(reqs), "particles": args.particles, "aggregation": args.aggregation,
-               "seconds_trace": seconds_trace, "seconds_total": time.perf_counter() - t}
-    save_head(head, args.out)
-    print(json.dumps(report, indent=1))
-    print(f"Wrote {args.out}: run PF with EngineConfig(model={model!r}, prm={str(args.out)!r})")
-    return 0
+    return [p.text for p in problems("train", 50_000 + seed, n)]

@@ -1,35 +1,43 @@
 """The engine: load once, then run many PF requests together over one paged cache per model.
 
-Data flow per iteration: admit (prefill prompt, fork it N ways) -> decode one token for every particle
-mid-step, of every request, in one forward -> for requests whose particles all reached a step end:
-PRM score -> weights -> resample -> fork -> next step; requests whose particles all finished return.
+Data flow per iteration: admit (prefill prompt, fork it N ways) -> sample and decode one token for
+every particle mid-step, of every request, in one batch -> for requests whose particles all reached
+a step end: PRM score -> weights -> resample -> fork -> next step; requests whose particles all
+finished return. Particles are rows of one :class:`~pfengine.particles.ParticleTable`, so no step of
+the loop touches particles one at a time.
 """
 from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from dataclasses import replace
 from itertools import count
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.profiler import record_function
 
 from pfengine.cache.block_manager import BlockManager
-from pfengine.config import AGGREGATIONS, KV_DTYPES, EngineConfig, Request
-from pfengine.model.checkpoint import CheckpointError, read_config
+from pfengine.caches import Caches
+from pfengine.config import AGGREGATIONS, EngineConfig, InvalidArgument, Request, require
+from pfengine.delimiter import DelimiterMatcher
+from pfengine.kernels import cdiv
+from pfengine.kernels.prm_score import initial_running, running_to_prob, weigh
+from pfengine.model.checkpoint import PRM_ARCHITECTURES, CheckpointError, read_config
 from pfengine.model.decoder import load_decoder
 from pfengine.model.tokenizer import check_same_tokenizer, eos_ids, load_tokenizer
-from pfengine.kernels.prm_score import head_logit, initial_running, running_to_prob, weigh
-from pfengine.prm import CallablePRM, EndedStep, ModelPRM, PRMFn, ValueHeadPRM, load_value_head
+from pfengine.particles import MAX_MODEL_LEN, MAX_TOKENS, ParticleTable, RowLimits
+from pfengine.prm import PRM, CallablePRM, EndedSteps, ModelPRM, PRMFn, ValueHeadPRM, load_value_head
 from pfengine.prompting import encode_prompt
 from pfengine.runner import ModelRunner
-from pfengine.sampling import sample
+from pfengine.sampling import RowGroup, sample
 from pfengine.scheduler import Scheduler
-from pfengine.search import results
-from pfengine.search.round import PRM, finish_round, fork, start
+from pfengine.search import make_method, results
+from pfengine.search.method import RoundContext
+from pfengine.search.round import finish_round, start
 from pfengine.state import Event, PFResult, RequestState
 
 log = logging.getLogger("pfengine")
@@ -44,17 +52,27 @@ class Engine:
         self.policy = self._runner(config.model)
         self.prm_runner: ModelRunner | None = None
         self.prm = self._load_prm(prm_fn, model_cfg.hidden_size)
+        self.caches = Caches(self.policy, self.prm_runner)
+        rows, dev = config.max_particles, config.device
+        self.table = ParticleTable(rows, self.max_len)
         self.eos_ids = eos_ids(config.model, model_cfg.eos_token_ids, self.tokenizer)
-        self.scheduler = Scheduler(self.runners, config.max_particles)
+        self.hidden = torch.zeros(rows, model_cfg.hidden_size, device=dev)
+        """The policy's final hidden state at each row's last token."""
+        self.logits = torch.zeros(rows, model_cfg.vocab_size, device=dev)
+        """Each row's next-token logits (a row continues from them after a round)."""
+        self.ctx = RoundContext(self.table, self.caches, self.hidden, self.logits, self.policy.decoder.logits)
+        self.scheduler = Scheduler(self.caches, self.table, rows, config.max_overtakes)
         self._token_text: dict[int, str] = {}
+        self._matchers: dict[str, int] = {}
+        self._driving = threading.Lock()
         self._ids = count()
-        self._nodes = count(1)
 
     def _runner(self, path: str) -> ModelRunner:
         c = self.config
-        decoder = load_decoder(path, c.num_blocks, c.block_size, KV_DTYPES[c.kv_dtype], self.max_len, c.device)
-        max_blocks = (self.max_len + c.block_size - 1) // c.block_size
-        return ModelRunner(decoder, BlockManager(c.num_blocks, c.block_size, c.max_particles, max_blocks, c.device))
+        decoder = load_decoder(path, c.num_blocks, c.block_size, getattr(torch, c.kv_dtype), self.max_len, c.device)
+        max_blocks = cdiv(self.max_len, c.block_size)
+        return ModelRunner(decoder, BlockManager(c.num_blocks, c.block_size, c.max_particles, max_blocks, c.device),
+                           c.cuda_graphs)
 
     def _load_prm(self, prm_fn: PRMFn | None, hidden_size: int) -> PRM | None:
         path, pc = self.config.prm, self.config.prm_config
@@ -65,11 +83,17 @@ class Engine:
         if path is None:
             return None
         if Path(path).is_file():
-            return ValueHeadPRM(load_value_head(path, hidden_size))
+            return ValueHeadPRM(load_value_head(path, hidden_size, self.config.device))
         shepherd = pc.good_token is not None
-        if read_config(path).is_prm == shepherd:
-            raise CheckpointError(f"{path}: a PRM directory needs architectures ['Qwen2ForProcessRewardModel'], or a "
-                                  f"causal LM with PRMConfig.good_token/bad_token set (Math-Shepherd style)")
+        prm_cfg = read_config(path)
+        if prm_cfg.is_prm == shepherd:
+            raise CheckpointError(f"{path}: a PRM directory needs architectures [one of {PRM_ARCHITECTURES}] "
+                                  f"(Qwen2.5-Math-PRM layout), or a causal LM with PRMConfig.good_token/bad_token "
+                                  f"set (Math-Shepherd style)")
+        if prm_cfg.max_position_embeddings < self.max_len:
+            raise CheckpointError(f"{path}: the PRM computes at most {prm_cfg.max_position_embeddings} positions "
+                                  f"({prm_cfg.context_limit or 'max_position_embeddings'}), fewer than the policy's "
+                                  f"{self.max_len}; set EngineConfig.max_model_len <= {prm_cfg.max_position_embeddings}")
         check_same_tokenizer(self.tokenizer, load_tokenizer(path), path)
         ids = [self._token_id(t, path) for t in (pc.step_tag, pc.good_token, pc.bad_token) if t is not None]
         self.prm_runner = self._runner(path)
@@ -82,15 +106,22 @@ class Engine:
         return ids[0]
 
     @property
-    def runners(self) -> list[ModelRunner]:
-        return [self.policy] + ([self.prm_runner] if self.prm_runner else [])
+    def eos_ids(self) -> frozenset[int]:
+        """Token ids that end a particle (with ``SamplingParams.stop_on_eos``)."""
+        return self._eos_ids
+
+    @eos_ids.setter
+    def eos_ids(self, ids: frozenset[int]) -> None:
+        self._eos_ids = frozenset(ids)
+        self.table.eos_ids = torch.tensor(sorted(self._eos_ids), dtype=torch.int64)
 
     def stats(self) -> dict[str, int]:
         s = {"policy_tokens_forwarded": self.policy.tokens_forwarded,
              "policy_blocks_in_use": self.policy.blocks.blocks_in_use, "cow_copies": self.policy.cow_copies,
              "preemptions": self.scheduler.preemptions, "recomputed_tokens": self.scheduler.recomputed_tokens}
         if self.prm_runner is not None:
-            s |= {"prm_tokens_forwarded": self.prm_runner.tokens_forwarded, "prm_tags_forwarded": self.prm.tags_forwarded,
+            s |= {"prm_tokens_forwarded": self.prm_runner.tokens_forwarded,
+                  "prm_tags_forwarded": self.prm_runner.tags_forwarded,
                   "prm_blocks_in_use": self.prm_runner.blocks.blocks_in_use}
         return s
 
@@ -107,34 +138,21 @@ class Engine:
         prompt_text, prompt_ids = encode_prompt(self.tokenizer, prompt)
         ids = [s if isinstance(s, list) else self.tokenizer.encode(s, add_special_tokens=False) for s in steps]
         texts = [s if isinstance(s, str) else self.detokenize(s) for s in steps]
-        if isinstance(self.prm, CallablePRM):
-            logits = [self.prm.score([EndedStep(-1, torch.empty(0), prompt_text, texts[:k + 1], 0)])[0]
-                      for k in range(len(steps))]
-        else:
-            logits = self._step_logits(prompt_ids, ids, keep_tags=aggregation != "model")
+        reads_hidden = self.prm.reads_hidden
         running, seg, scored, out = initial_running(1, aggregation), torch.tensor([0, 1]), torch.tensor([True]), []
-        for logit in logits:
-            running, _, _ = weigh(logit.reshape(1).float().cpu(), running, scored, seg, aggregation, 1.0)
-            out.append(float(running_to_prob(running, aggregation)[0]))
+        with self.scheduler.borrow_row() as row:
+            hidden = self.policy.extend([row], [prompt_ids]) if reads_hidden else self.hidden[:1]
+            if self.prm_runner is not None:
+                self.prm_runner.extend([row], [prompt_ids])
+            for k, step in enumerate(ids):
+                if reads_hidden and step:
+                    hidden = self.policy.extend([row], [step])
+                ended = EndedSteps(torch.tensor([row]), hidden, [0], aggregation != "model",
+                                   pending=lambda step=step: [list(step)],
+                                   texts=lambda k=k: [(prompt_text, texts[:k + 1])])
+                running, _, _ = weigh(self.prm.score(ended).float().cpu(), running, scored, seg, aggregation, 1.0)
+                out.append(float(running_to_prob(running, aggregation)[0]))
         return out
-
-    def _step_logits(self, prompt_ids: list[int], steps: list[list[int]], keep_tags: bool) -> list[torch.Tensor]:
-        """Step logits of the value head or PRM model for one solution, on a borrowed cache row."""
-        row = self.scheduler.free_rows.pop()
-        prm = self.prm
-        runner = self.policy if isinstance(prm, ValueHeadPRM) else prm.runner
-        try:
-            hidden, logits = runner.extend([row], [prompt_ids]), []
-            for step in steps:
-                if isinstance(prm, ModelPRM):
-                    hidden = prm.score([EndedStep(row, torch.empty(0), "", [], 0, list(step))], keep_tags=keep_tags)
-                elif step:
-                    hidden = runner.extend([row], [step])
-                logits.append(head_logit(hidden, prm.head)[0] if prm.head is not None else hidden[0])
-            return logits
-        finally:
-            runner.blocks.free(torch.tensor([row], dtype=torch.int64))
-            self.scheduler.free_rows.append(row)
 
     def add_request(self, request: Request) -> int:
         """Validate and queue a request; it joins the running batch at the next round boundary."""
@@ -160,171 +178,220 @@ class Engine:
 
     def step(self) -> list[Event]:
         """One engine iteration: admit, decode one token for every particle mid-step, and finish the
-        rounds (score -> resample -> fork) of requests whose particles all reached a step end."""
-        with record_function("pfengine::prefill"):
-            self._prefill(self.scheduler.admit())
-        events = self.scheduler.make_room()
-        running = self.scheduler.running
-        self._decode(running)
-        at_barrier = [r for r in running if all(p.step_done or p.finished for p in r.particles)]
-        if not at_barrier:
-            return events
+        rounds (score -> resample -> fork) of requests whose particles all reached a step end.
+
+        A phase that raises fails the requests it was working on (error events, blocks freed); the
+        engine and every other request go on. One thread drives an engine (share it through
+        :class:`~pfengine.async_engine.AsyncEngine`); a second concurrent driver is refused."""
+        if not self._driving.acquire(blocking=False):
+            raise RuntimeError("Engine.step: the engine is being driven by another thread; an Engine is not "
+                               "thread-safe (share one through pfengine.async_engine.AsyncEngine)")
+        try:
+            return self._step()
+        finally:
+            self._driving.release()
+
+    def _step(self) -> list[Event]:
+        admitted = self.scheduler.admit()
+        events = self._contain(admitted, self._prefill)
+        events += self.scheduler.make_room()
+        events += self._contain(list(self.scheduler.running), self._decode)
+        at_barrier = [r for r in self.scheduler.running if not r.growing]
+        if at_barrier:
+            events += self._contain(at_barrier, self._finish_round)
+        return events
+
+    def _contain(self, reqs: list[RequestState], phase: Callable[[list[RequestState]], list[Event] | None]
+                 ) -> list[Event]:
+        if not reqs:
+            return []
+        try:
+            return phase(reqs) or []
+        except Exception as error:
+            log.exception("engine step failed in %s; failing %d request(s)", phase.__name__, len(reqs))
+            return [self.scheduler.fail(r, error) for r in reqs if r in self.scheduler.running]
+
+    def _finish_round(self, at_barrier: list[RequestState]) -> list[Event]:
         with record_function("pfengine::round"):  # PRM score -> weights -> resample -> fork
-            finish_round(at_barrier, self.prm, self.runners, self.detokenize)
-        events += [Event(r.id, r.trace[-1]) for r in at_barrier]
+            finish_round(at_barrier, self.prm, self.ctx, self.detokenize)
+        events = [Event(r.id, r.trace[-1]) for r in at_barrier]
         for r in [r for r in at_barrier if r.done]:
+            result = results.build(r, self.ctx, self.detokenize)
             self.scheduler.finish(r)
             r.stats.seconds = time.perf_counter() - r.started
-            events.append(Event(r.id, None, results.build(r, self.detokenize)))
+            events.append(Event(r.id, None, result))
         return events
 
     def generate(self, requests: list[Request]) -> list[PFResult]:
-        """Run requests to completion, batched together (and with any already queued); results in order."""
+        """Run requests to completion, batched together (and with any already queued); results in order.
+        However this call ends (an error, Ctrl-C), none of its requests is left in the engine."""
         states = [self._prepare(r) for r in requests]  # all valid before any is queued
         self.scheduler.waiting += states
-        ids = [s.id for s in states]
+        pending = {s.id for s in states}
         results: dict[int, PFResult] = {}
-        while any(i not in results for i in ids):
-            for event in self.step():
-                if event.error is not None and event.request_id in ids:
-                    for i in ids:
-                        self.abort(i)
-                    raise event.error
-                if event.result is not None:
-                    results[event.request_id] = event.result
-        return [results[i] for i in ids]
-
-    def stream(self, request: Request) -> Iterator[Event]:
-        """Run one request (with whatever else is queued), yielding its events as rounds finish."""
-        rid = self.add_request(request)
-        while True:
-            for event in self.step():
-                if event.request_id == rid:
+        try:
+            while pending:
+                assert self.has_work, "generate: requests vanished from the engine"
+                for event in self.step():
+                    if event.request_id not in pending:
+                        continue
                     if event.error is not None:
                         raise event.error
-                    yield event
                     if event.result is not None:
-                        return
+                        results[event.request_id] = event.result
+                        pending.discard(event.request_id)
+        finally:
+            for i in pending:
+                self.abort(i)
+        return [results[s.id] for s in states]
+
+    def stream(self, request: Request) -> Iterator[Event]:
+        """Run one request (with whatever else is queued), yielding its events as rounds finish.
+        Closing the iterator early aborts the request."""
+        rid = self.add_request(request)
+        done = False
+        try:
+            while not done:
+                for event in self.step():
+                    if event.request_id == rid:
+                        done = event.error is not None or event.result is not None
+                        if event.error is not None:
+                            raise event.error
+                        yield event
+        finally:
+            if not done:
+                self.abort(rid)
 
     def _prepare(self, request: Request) -> RequestState:
-        prompt = request.prompt
-        if isinstance(prompt, list) and not prompt:
-            raise ValueError("prompt: chat messages must not be empty")
-        if isinstance(prompt, str) and not prompt:
-            raise ValueError("prompt: must not be empty")
-        if not isinstance(prompt, (str, list)):
-            raise TypeError(f"prompt: expected a string or a list of chat messages, got {type(prompt).__name__}")
-        text, ids = encode_prompt(self.tokenizer, prompt)
-        search = request.search
-        if search.uses_prm and self.prm is None:
-            raise ValueError(f"search method {search.method!r} needs a PRM: set EngineConfig.prm (a PRM directory or "
-                             f"a value-head .safetensors file) or pass prm_fn to Engine")
-        if search.method == "greedy" and request.sampling.temperature != 0:
-            request = replace(request, sampling=replace(request.sampling, temperature=0.0))
-        n = search.particles_per_sweep
-        if n + 2 > self.config.max_particles:
-            raise ValueError(f"n_particles={search.n_particles} needs {n + 2} cache rows; "
-                             f"EngineConfig.max_particles is {self.config.max_particles}")
-        room = self.max_len - len(ids) - request.sampling.max_steps  # PRM step tags need room too
-        if room <= 0:
-            raise ValueError(f"prompt: {len(ids)} tokens (+{request.sampling.max_steps} step tags) does not fit "
-                             f"max_model_len={self.max_len}")
-        need = self.scheduler.blocks_to_admit(len(ids), n, request.sampling.max_step_tokens)
-        if need > self.config.num_blocks:
-            raise ValueError(f"request needs about {need} KV blocks for its prompt and one step of {n} particles; "
-                             f"the cache has {self.config.num_blocks} (raise EngineConfig.num_blocks)")
-        seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
-        return RequestState(id=next(self._ids), request=request, prompt_ids=ids, prompt_text=text, seed=seed)
+        """Check a request against the engine's limits and tokenise it. Every error names the option."""
+        if not isinstance(request, Request):
+            raise InvalidArgument("request", f"expected a pfengine.Request, got {type(request).__name__}")
+        request.validate()
+        c, search, sampling = self.config, request.search, request.sampling
+        require(request.prompt_chars <= c.max_prompt_chars, "prompt",
+               f"{request.prompt_chars} characters; EngineConfig.max_prompt_chars is {c.max_prompt_chars}")
+        require(search.n_particles <= c.max_request_particles, "n_particles",
+               f"{search.n_particles} is over this engine's limit, EngineConfig.max_request_particles="
+               f"{c.max_request_particles}")
+        require(search.iterations <= c.max_iterations, "iterations",
+               f"{search.iterations} is over this engine's limit, EngineConfig.max_iterations={c.max_iterations}")
+        method = make_method(search)
+        if method.uses_prm and self.prm is None:
+            raise InvalidArgument("method", f"{search.method!r} needs a PRM: set EngineConfig.prm (a PRM directory "
+                                            f"or a value-head .safetensors file) or pass prm_fn to Engine")
+        if method.sampling(sampling) != sampling:
+            request = replace(request, sampling=method.sampling(sampling))
+        text, ids = self._encode(request.prompt)
+        n = method.slots
+        require(method.rows_needed <= c.max_particles, "n_particles",
+               f"{n} particles{' per sweep' if search.iterations > 1 else ''} need {method.rows_needed} cache rows; "
+               f"EngineConfig.max_particles is {c.max_particles}")
+        require(len(ids) < self.max_len - 1, "prompt",
+                f"{len(ids)} tokens does not fit EngineConfig.max_model_len={self.max_len}")
+        room = self.max_len - len(ids) - sampling.max_steps  # PRM step tags need room too
+        require(room > 0, "max_steps",
+               f"{sampling.max_steps} steps reserve a position per step (PRM step tags), which with the prompt's "
+               f"{len(ids)} tokens does not fit EngineConfig.max_model_len={self.max_len}; at most {self.max_len - len(ids) - 1}")
+        per_particle = min(sampling.max_tokens, sampling.max_steps * sampling.max_step_tokens, room)
+        total = search.n_particles * per_particle
+        require(total <= c.max_request_tokens, "max_tokens",
+               f"SearchParams.n_particles={search.n_particles} x up to {per_particle} tokens per particle = "
+               f"{total} generated tokens, over this engine's limit EngineConfig.max_request_tokens="
+               f"{c.max_request_tokens}")
+        need = self.scheduler.blocks_to_admit(len(ids), n, sampling.max_step_tokens)
+        require(need <= c.num_blocks, "n_particles",
+               f"the request needs about {need} KV blocks for its prompt and one step of {n} particles "
+               f"(SamplingParams.max_step_tokens={sampling.max_step_tokens}); the cache has {c.num_blocks} "
+               f"(raise EngineConfig.num_blocks)")
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
+        return RequestState(id=next(self._ids), request=request, prompt_ids=ids, prompt_text=text, seed=seed,
+                            method=method)
+
+    def _encode(self, prompt: str | list[dict]) -> tuple[str, list[int]]:
+        try:
+            return encode_prompt(self.tokenizer, prompt)
+        except Exception as e:  # a chat template may refuse a conversation (e.g. roles out of order)
+            raise InvalidArgument("prompt", f"cannot be tokenised: {type(e).__name__}: {e}") from None
 
     def _prefill(self, admitted: list[RequestState]) -> None:
         """Forward the admitted prompts (each once, into its root row) and fork them to every slot."""
-        if not admitted:
-            return
         roots = [r.root_row for r in admitted]
         hidden = self.policy.extend(roots, [r.prompt_ids for r in admitted])
         logits = self.policy.decoder.logits(hidden)
-        scored = [r for r in admitted if r.request.search.uses_prm]
+        scored = [r for r in admitted if r.method.uses_prm]
         if self.prm_runner is not None and scored:
             self.prm_runner.extend([r.root_row for r in scored], [r.prompt_ids for r in scored])
         for k, r in enumerate(admitted):
             r.started = time.perf_counter()
             r.stats.prompt_tokens = len(r.prompt_ids)
-            fork(self.runners, r.rows, [r.root_row] * r.n)
-            start(r, logits[k:k + 1], hidden[k:k + 1])
+            self.table.configure(r.rows, self._limits(r))
+            self.caches.assign(r.rows, [r.root_row] * r.n)
+            start(r, self.ctx, logits[k:k + 1], hidden[k:k + 1])
+
+    def _limits(self, r: RequestState) -> RowLimits:
+        sp = r.request.sampling
+        context = self.max_len - len(r.prompt_ids) - sp.max_steps  # room for the PRM's step tags
+        return RowLimits(max_tokens=min(sp.max_tokens, context),
+                         limit_reason=MAX_TOKENS if sp.max_tokens <= context else MAX_MODEL_LEN,
+                         max_step_tokens=sp.max_step_tokens, max_steps=sp.max_steps, stop_on_eos=sp.stop_on_eos,
+                         matcher=self._matcher(sp.step_delimiter),
+                         prm_reads=self.prm_runner is not None and r.method.uses_prm)
+
+    def _matcher(self, delimiter: str) -> int:
+        """The table's matcher for ``delimiter`` (made on first use; their transitions fill lazily)."""
+        if delimiter not in self._matchers:
+            self._matchers[delimiter] = len(self.table.matchers)
+            self.table.matchers.append(DelimiterMatcher(delimiter, self.token_text, self.logits.shape[1]))
+        return self._matchers[delimiter]
 
     def _decode(self, running: list[RequestState]) -> None:
         """Sample one token for every particle mid-step and forward them all in one batch through
-        the policy. The PRM model reads them later, at the step end (``Particle.prm_lag``).
+        the policy. The PRM model reads them later, at the step end (``ParticleTable.prm_lag``).
 
         Siblings that hold the same sequence and sample the same token are forwarded once; the
         others fork from that one afterwards, so no token is ever computed twice."""
-        forwarded: list[tuple[RequestState, int]] = []
-        dups: list[tuple[RequestState, int, int]] = []
-        tokens: list[int] = []
-        for r in running:
-            idx = [i for i, p in enumerate(r.particles) if not (p.step_done or p.finished)]
-            if not idx:
-                continue
-            lag = int(self.prm_runner is not None and r.request.search.uses_prm)
-            first: dict[tuple[int, int], int] = {}
-            with record_function("pfengine::sample"):
-                new = sample(r.logits[idx], r.request.sampling, r.generator).tolist()
-            for i, t in zip(idx, new):
-                p = r.particles[i]
-                rep = first.setdefault((p.node, t), i)
-                if rep == i:
-                    p.node = next(self._nodes)
-                    forwarded.append((r, i))
-                    tokens.append(t)
-                else:
-                    p.node = r.particles[rep].node
-                    dups.append((r, i, rep))
-                p.prm_lag += lag
-                self._append(r, p, t)
-        if not forwarded:
+        growing = [r for r in running if r.growing]
+        if not growing:
             return
+        t = self.table
+        every = torch.cat([r.rows for r in growing])
+        mask = t.growing(every)
+        rows = every[mask]
+        owner = torch.arange(len(growing)).repeat_interleave(torch.tensor([r.n for r in growing]))[mask]
+        counts = torch.bincount(owner, minlength=len(growing)).tolist()
+        with record_function("pfengine::sample"):
+            tokens = sample(self.logits[rows], [RowGroup(r.request.sampling, r.generator, k)
+                                                for r, k in zip(growing, counts)]).cpu()
+        first = t.merge_identical(rows, tokens)
+        ended = t.append(rows, tokens)
+        ends = torch.bincount(owner[ended], minlength=len(growing)).tolist()
+        for r, k, e in zip(growing, counts, ends):
+            r.stats.generated_tokens += k
+            r.growing -= e
+        leader = first == torch.arange(rows.numel())
         with record_function("pfengine::decode"):
-            hidden = self.policy.decode(torch.tensor([r.rows[i] for r, i in forwarded]), torch.tensor(tokens))
-            logits = self.policy.decoder.logits(hidden)
-        for k, (r, i) in enumerate(forwarded):
-            r.hidden[i], r.logits[i] = hidden[k], logits[k]
-        if dups:
-            self._catch_up_prm({(id(r), j): (r, j) for r, _, j in dups}.values())
-            for runner in self.runners:
-                runner.blocks.assign(torch.tensor([r.rows[i] for r, i, _ in dups]),
-                                     torch.tensor([r.rows[j] for r, _, j in dups]))
-            for r, i, j in dups:
-                r.hidden[i], r.logits[i] = r.hidden[j], r.logits[j]
-                r.particles[i].prm_lag = r.particles[j].prm_lag
+            hidden = self.policy.decode(rows[leader], tokens[leader])
+            self.hidden[rows[leader]] = hidden
+            self.logits[rows[leader]] = self.policy.decoder.logits(hidden)
+        if not bool(leader.all()):
+            self._fork_followers(rows[~leader], rows[first[~leader]])
 
-    def _catch_up_prm(self, sources: Iterable[tuple[RequestState, int]]) -> None:
-        """Let the PRM model read the pending tokens of particles that siblings fork from mid-step,
-        so the forked PRM rows are complete and no token is read twice."""
-        behind = [(r, j) for r, j in sources if r.particles[j].prm_lag]
-        if not behind:
-            return
-        assert self.prm_runner is not None
-        self.prm.catch_up([r.rows[j] for r, j in behind],
-                          [r.particles[j].tokens[-r.particles[j].prm_lag:] for r, j in behind])
-        for r, j in behind:
-            r.particles[j].prm_lag = 0
+    def _fork_followers(self, followers: torch.Tensor, leaders: torch.Tensor) -> None:
+        """Rows that sampled what their leader sampled become copies of it, in both caches. A PRM
+        model first reads the leaders' pending tokens, so the copies are complete and no token is
+        read twice."""
+        t = self.table
+        behind = leaders.unique()
+        behind = behind[t.prm_lag[behind] > 0]
+        if behind.numel():
+            self.prm.catch_up(behind.tolist(), t.pending(behind))
+            t.prm_lag[behind] = 0
+        self.caches.assign(followers, leaders)
+        self.hidden[followers], self.logits[followers] = self.hidden[leaders], self.logits[leaders]
+        t.prm_lag[followers] = t.prm_lag[leaders]
 
-    def _append(self, r: RequestState, p, token: int) -> None:
-        sp = r.request.sampling
-        p.tokens.append(token)
-        r.stats.generated_tokens += 1
-        text = self._decode_token(token)
-        p.step_text += text
-        tail = p.step_text[-(len(text) + len(sp.step_delimiter) - 1):] if text else ""
-        step_len = len(p.tokens) - p.step_starts[-1]
-        limit = min(sp.max_tokens, self.max_len - len(r.prompt_ids) - sp.max_steps)
-        if (sp.stop_on_eos and token in self.eos_ids) or len(p.tokens) >= limit:
-            p.finished = True
-        if p.finished or sp.step_delimiter in tail or step_len >= sp.max_step_tokens:
-            p.step_done = True
-            p.finished = p.finished or len(p.step_starts) >= sp.max_steps
-
-    def _decode_token(self, token: int) -> str:
+    def token_text(self, token: int) -> str:
+        """One token's text as the step delimiter sees it (cached)."""
         text = self._token_text.get(token)
         if text is None:
             text = self._token_text[token] = self.tokenizer.decode([token])

@@ -1,15 +1,15 @@
-"""its_hub on pfengine: its language-model and process-reward-model interfaces backed by an in-process
-:class:`~pfengine.engine.Engine`, so its_hub's algorithms (self-consistency, best-of-N, particle
-filtering, beam search, ...) run on pfengine unchanged::
+"""its_hub on pfengine: its language-model, process-reward-model and outcome-reward-model interfaces
+backed by an in-process :class:`~pfengine.engine.Engine`, so its_hub's algorithms (particle filtering,
+particle Gibbs, beam search, self-consistency, best-of-N, ...) run on pfengine unchanged::
 
-    from its_hub.algorithms import ParticleFiltering
+    from its_hub.core.algorithms.particle_gibbs import ParticleFiltering
     from its_hub.core.lms.step_generation import StepGeneration
     from pfengine.its_hub_adapter import EngineLanguageModel, EngineProcessRewardModel
 
     lm = EngineLanguageModel(engine, max_tokens=256)
     prm = EngineProcessRewardModel(engine)            # the engine's own PRM
     pf = ParticleFiltering(StepGeneration(step_token="\\n\\n", max_steps=8), prm)
-    pf.infer(lm, "What is 17 + 25?", budget=8)
+    pf.infer(lm, "Start with 47. Add 38. Subtract 29. Add 16. What is the result?", budget=8)
 
 Every call is a batch of engine requests, one per conversation, each a single independent sample
 (``method="self_consistency"``, one particle, one step that ends at the first stop string). Calls made
@@ -17,26 +17,37 @@ concurrently from one event loop (its_hub's orchestrator sends a self-consistenc
 single calls) are gathered into one engine batch. A conversation ending in an assistant message is
 continued ("continue final message"), which is how its_hub's step generation asks for the next step.
 
+Particles end at end-of-text without a ``stop_token``: its_hub's step generation only knows a
+particle stopped when its ``stop_token`` appears in a step, and otherwise keeps asking for steps
+until ``max_steps``. When the model ended a conversation's answer (it sampled EOS), the adapter
+answers every later request to continue that conversation with an empty step, without running the
+model; the particle's text and (through :class:`EngineProcessRewardModel`, which ignores trailing
+step delimiters) its score stay as they were, as a finished particle's do in the paper's PF.
+
 The adapters drive the engine from one worker thread per engine; they must be its only user (do not
 run an :class:`~pfengine.async_engine.AsyncEngine` or the server on the same engine at the same time).
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import random
 import threading
 import weakref
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from its_hub.api import AbstractLanguageModel, AbstractProcessRewardModel, ChatMessage, ChatMessages, GenerationUsage
+from its_hub.api import (AbstractLanguageModel, AbstractOutcomeRewardModel, AbstractProcessRewardModel, ChatMessage,
+                         ChatMessages, GenerationUsage)
 
 from pfengine.config import AGGREGATIONS, Request, SamplingParams, SearchParams
 from pfengine.engine import Engine
 from pfengine.prompting import NO_DELIMITER, chat_prompt, normalise_messages, stop_list, trim_at_stop
 from pfengine.state import PFResult
 
-__all__ = ["EngineLanguageModel", "EngineProcessRewardModel"]
+__all__ = ["EngineLanguageModel", "EngineOutcomeRewardModel", "EngineProcessRewardModel"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,6 +156,13 @@ def _messages(conversation: Any, system_prompt: str | None) -> list[dict[str, st
     return msgs
 
 
+def _key(msgs: list[dict[str, str]]) -> str:
+    """A conversation's identity for "did the model end it": trailing whitespace of the last message
+    does not count (its_hub appends the step delimiter to a particle's text before continuing it)."""
+    parts = [(m["role"], m["content"]) for m in msgs[:-1]] + [(msgs[-1]["role"], msgs[-1]["content"].rstrip())]
+    return hashlib.sha1(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
+
+
 # ------------------------------------------------------------------------------------------------
 # Language model
 
@@ -155,8 +173,12 @@ class EngineLanguageModel(AbstractLanguageModel):
     Responses are ``{"role": "assistant", "content": text}``; with ``stop`` the text ends before the
     first stop string (or with it, ``include_stop_str_in_output=True``), as with vLLM. ``max_tokens``,
     ``temperature``, ``top_p``, ``top_k`` and ``seed`` are the defaults for calls that do not set
-    them; with a ``seed`` the adapter's whole sequence of samples is reproducible.
+    them; with a ``seed`` the adapter's whole sequence of samples is reproducible. A conversation
+    whose assistant message the model ended (EOS) is answered with an empty step from then on.
     """
+
+    MAX_ENDED = 1 << 18
+    """Ended conversations remembered (as 40-byte digests); the oldest are forgotten beyond this."""
 
     def __init__(self, engine: Engine, max_tokens: int = 256, temperature: float = 0.8, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, system_prompt: str | None = None) -> None:
@@ -165,6 +187,8 @@ class EngineLanguageModel(AbstractLanguageModel):
         self.system_prompt = system_prompt
         self._seeds = random.Random(seed)
         self._worker = _worker(engine)
+        self._ended: OrderedDict[str, None] = OrderedDict()
+        """Keys of conversations whose assistant message the model ended with EOS (oldest first)."""
         SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens)  # validate
 
     async def agenerate(self, messages: list[ChatMessage] | list[list[ChatMessage]],
@@ -191,18 +215,32 @@ class EngineLanguageModel(AbstractLanguageModel):
             raise ValueError("max_completion_tokens: give max_tokens or max_completion_tokens, not both")
         limit = max_completion_tokens if max_completion_tokens is not None else max_tokens
         stops = stop_list(stop)
-        requests = [self._request(conv, stops, limit, t, top_p, top_k, None if seed is None else seed + k)
-                    for k, (conv, t) in enumerate(zip(conversations, temperatures))]
-        outcomes = await self._worker.generate(requests)
-        responses = []
-        for outcome in outcomes:
+        msgs = [_messages(conv, self.system_prompt) for conv in conversations]
+        live = [k for k, m in enumerate(msgs) if _key(m) not in self._ended]
+        requests = [self._request(msgs[k], stops, limit, temperatures[k], top_p, top_k,
+                                  None if seed is None else seed + k) for k in live]
+        outcomes = await self._worker.generate(requests) if requests else []
+        texts = [""] * len(msgs)  # a conversation the model already ended gets an empty step
+        for k, outcome in zip(live, outcomes):
             if isinstance(outcome, Exception):
                 raise outcome
-            text, _ = trim_at_stop(outcome.particles[0].text, stops, bool(include_stop_str_in_output))
-            responses.append({"role": "assistant", "content": text})
+            texts[k], stopped = trim_at_stop(outcome.particles[0].text, stops, bool(include_stop_str_in_output))
+            if outcome.particles[0].finish_reason == "eos" and not stopped:
+                self._remember_ended(msgs[k], texts[k])
             if usage_accumulator is not None:
                 usage_accumulator.add(outcome.stats.prompt_tokens, outcome.stats.generated_tokens)
+        responses = [{"role": "assistant", "content": text} for text in texts]
         return responses[0] if single else responses
+
+    def _remember_ended(self, msgs: list[dict[str, str]], text: str) -> None:
+        """The conversation ``msgs`` + ``text`` ended at EOS: later requests to continue it get an empty step."""
+        if msgs[-1]["role"] == "assistant":
+            ended = msgs[:-1] + [{"role": "assistant", "content": msgs[-1]["content"] + text}]
+        else:
+            ended = msgs + [{"role": "assistant", "content": text}]
+        self._ended[_key(ended)] = None
+        if len(self._ended) > self.MAX_ENDED:
+            self._ended.popitem(last=False)
 
     async def agenerate_single(self, messages: list[ChatMessage], stop: str | list[str] | None = None,
                                **kwargs: Any) -> dict:
@@ -215,9 +253,8 @@ class EngineLanguageModel(AbstractLanguageModel):
         """Synchronous :meth:`agenerate` (not from inside a running event loop)."""
         return asyncio.run(self.agenerate(messages, stop=stop, **kwargs))
 
-    def _request(self, conversation: Any, stops: list[str], max_tokens: int | None, temperature: float | None,
-                 top_p: float | None, top_k: int | None, seed: int | None) -> Request:
-        msgs = _messages(conversation, self.system_prompt)
+    def _request(self, msgs: list[dict[str, str]], stops: list[str], max_tokens: int | None,
+                 temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None) -> Request:
         prompt = chat_prompt(self.engine.tokenizer, msgs, continue_final_message=msgs[-1]["role"] == "assistant")
         n_tokens = self.max_tokens if max_tokens is None else max_tokens
         sampling = SamplingParams(
@@ -254,7 +291,11 @@ class EngineProcessRewardModel(AbstractProcessRewardModel):
         self._worker = _worker(engine)
 
     def split_steps(self, response: str) -> list[str]:
+        """Steps of ``response``; trailing delimiters are not steps (its_hub appends one for every
+        empty step of a particle the model ended)."""
         d = self.step_delimiter
+        while response.endswith(d):
+            response = response[:-len(d)]
         pieces = response.split(d)
         steps = [p + d for p in pieces[:-1]]
         if pieces[-1]:
@@ -266,11 +307,51 @@ class EngineProcessRewardModel(AbstractProcessRewardModel):
         single = isinstance(response_or_responses, str)
         responses = [response_or_responses] if single else list(response_or_responses)
         prompt = _messages(prompt_or_messages, self.system_prompt)
-        steps = [self.split_steps(r) for r in responses]
-        scores = await self._worker.call(
-            lambda: [self.engine.score_steps(prompt, s, self.aggregation)[-1] if s else 0.5 for s in steps])
+        scores = await self.score_solutions([(prompt, r) for r in responses])
         return scores[0] if single else scores
 
     def score(self, prompt_or_messages: str | list[ChatMessage] | ChatMessages,
               response_or_responses: str | list[str]) -> float | list[float]:
         return asyncio.run(self.ascore(prompt_or_messages, response_or_responses))
+
+    async def score_solutions(self, solutions: list[tuple[list[dict[str, str]], str]]) -> list[float]:
+        """The score after the last step of each ``(messages, response)`` (0.5: an empty response),
+        in one call on the engine's worker."""
+        split = [(msgs, self.split_steps(response)) for msgs, response in solutions]
+        return await self._worker.call(
+            lambda: [self.engine.score_steps(msgs, steps, self.aggregation)[-1] if steps else 0.5
+                     for msgs, steps in split])
+
+
+# ------------------------------------------------------------------------------------------------
+# Outcome reward model
+
+
+class EngineOutcomeRewardModel(AbstractOutcomeRewardModel):
+    """its_hub's ``AbstractOutcomeRewardModel`` (what ``BestOfN`` ranks with) from the engine's PRM:
+    a conversation's final assistant message is scored as a whole solution after the messages
+    before it -- split into steps and aggregated as in :class:`EngineProcessRewardModel` (with
+    ``model`` aggregation, the PRM's score of the whole solution)."""
+
+    def __init__(self, engine: Engine, step_delimiter: str = "\n\n", aggregation: str = "model",
+                 system_prompt: str | None = None) -> None:
+        self.prm = EngineProcessRewardModel(engine, step_delimiter, aggregation, system_prompt)
+
+    async def ascore(self, messages: list[ChatMessage] | ChatMessages | list[list[ChatMessage]],
+                     orchestrator: Any = None, **kwargs: Any) -> float | list[float]:
+        """One conversation -> one score; a list of conversations -> a list of scores."""
+        single = isinstance(messages, ChatMessages) or not (messages and isinstance(messages[0], (list, ChatMessages)))
+        conversations = [messages] if single else list(messages)
+        scores = await self.prm.score_solutions([self._solution(c) for c in conversations])
+        return scores[0] if single else scores
+
+    def score(self, messages: list[ChatMessage] | ChatMessages | list[list[ChatMessage]],
+              **kwargs: Any) -> float | list[float]:
+        return asyncio.run(self.ascore(messages))
+
+    def _solution(self, conversation: Any) -> tuple[list[dict[str, str]], str]:
+        msgs = _messages(conversation, self.prm.system_prompt)
+        if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+            raise ValueError("messages: an outcome reward model scores a conversation that ends with the "
+                             f"assistant's response, got one ending with a {msgs[-1]['role']!r} message")
+        return msgs[:-1], msgs[-1]["content"]

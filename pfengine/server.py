@@ -13,8 +13,9 @@ Every :class:`~pfengine.config.SearchParams` field is accepted (``particles`` is
 ``n_particles``), plus the step options ``max_steps``, ``max_step_tokens``, ``step_delimiter``,
 ``top_k``, ``stop_on_eos``, and ``reference_answer`` and ``return_particles`` (default true).
 Choice 0 is the chosen answer (with ``n > 1`` the next choices are the other candidates by weight) and
-the response carries ``"pfengine": {"method", "best", "particles": [{text, weight, score, ...}],
-"stats", ...}``.
+the response carries ``"pfengine": {"method", "best", "answer", "particles": [{text, weight, score,
+finish_reason, answer, ...}], "stats", ...}``; ``answer`` is the chosen particle's extracted answer
+(the last ``\\boxed{}``, else the last number), the text is choice 0.
 
 ``stream: true`` sends OpenAI SSE chunks and ``data: [DONE]``. A plain request streams each choice's
 text as its steps finish. A search request sends one chunk per finished round: its ``delta`` holds
@@ -30,21 +31,27 @@ its_hub's step generation asks). Fields pfengine cannot honour (``logprobs``, ``
 ...) are rejected when set; other unknown fields are ignored.
 
 ``usage`` counts real tokens: the prompt once, and every token the engine sampled for the request.
-Errors are OpenAI-style JSON: 422 for a malformed body, 400 naming the field for a bad value, 400
-(``kv_cache_exhausted``) for a request that cannot fit in the KV cache, 404 for an unknown model;
-once a stream has started, an error arrives as a ``data: {"error": ...}`` chunk. A client that
-disconnects (streaming or not) has its request aborted and its KV blocks freed.
+Every response body is valid JSON (a non-finite number is sent as ``null``) and every error an
+OpenAI-style error object: 422 for a malformed body (numbers are strict: ``n: 2.0`` is refused), 400
+naming the field for a bad value or a request over one of the engine's per-request limits, 400
+(``kv_cache_exhausted``) for a request that cannot fit in the KV cache, 401 for a missing or wrong API
+key, 404 for an unknown model, 413 for a body over the size limit, 500 for an engine fault; once a
+stream has started, an error arrives as a ``data: {"error": ...}`` chunk. A client that disconnects
+(streaming or not) has its request aborted and its KV blocks freed. Prompts are checked against the
+character limit before they are tokenised, and tokenising runs off the event loop.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import math
 import time
 import typing
 import uuid
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI
@@ -57,10 +64,12 @@ from starlette.types import Receive, Scope, Send
 
 from pfengine.async_engine import AsyncEngine
 from pfengine.cache import OutOfBlocks
-from pfengine.config import Request, SamplingParams, SearchParams
+from pfengine.config import EngineConfig, InvalidArgument, Request, SamplingParams, SearchParams, check_prompt
 from pfengine.engine import Engine
+from pfengine.http_gate import Gate, GateConfig
 from pfengine.prompting import (NO_DELIMITER, chat_prompt, common_prefix, encode_prompt, stop_list, stream_safe,
                                 trim_at_stop)
+from pfengine.search import make_method
 from pfengine.state import Event, PFResult, StepTrace
 
 log = logging.getLogger("pfengine.server")
@@ -82,6 +91,21 @@ UNSUPPORTED = {"logprobs", "top_logprobs", "echo", "best_of", "suffix", "tools",
 _SEARCH_TYPES = typing.get_type_hints(SearchParams)
 _SAMPLING_TYPES = typing.get_type_hints(SamplingParams)
 _EXTRA_TYPES = {"reference_answer": str | None, "return_particles": bool}
+_ENGINE_FIELDS = {f.name for f in fields(EngineConfig)}
+
+
+@dataclass
+class ServerConfig:
+    """What one server exposes, and what one HTTP request may ask of it (the engine's own
+    per-request limits live in :class:`~pfengine.config.EngineConfig`)."""
+
+    served_model_name: str | None = None
+    """The model id clients send; default: the checkpoint directory's name (never its path)."""
+    gate: GateConfig = field(default_factory=GateConfig)
+    max_completions: int = 128
+    """Prompts x ``n`` of one request."""
+    enable_docs: bool = False
+    """Serve ``/docs`` and ``/openapi.json``."""
 
 
 class APIError(Exception):
@@ -99,7 +123,7 @@ class APIError(Exception):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")  # other OpenAI fields are accepted and ignored
+    model_config = ConfigDict(extra="allow", strict=True)  # other OpenAI fields are accepted and ignored
 
     model: str | None = None
     n: int = 1
@@ -120,7 +144,7 @@ class CompletionBody(_Body):
 
 
 class ChatMessageBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: str
     content: str | list[dict[str, Any]] | None = None
@@ -143,15 +167,19 @@ class Job:
 
 
 def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the option's type, strictly (``4.0`` is not an int, ``"4"`` not a number)."""
+    if isinstance(value, list) and typing.get_origin(hint) is tuple:
+        value = tuple(value)
     try:
-        return TypeAdapter(hint).validate_python(value)
+        return TypeAdapter(hint).validate_python(value, strict=True)
     except ValidationError as e:
         raise APIError(400, f"{where}.{name}: {e.errors()[0]['msg']}, got {value!r}", f"{where}.{name}") from None
 
 
 def build_job(engine: Engine, prompt: str | list[dict], body: _Body, max_tokens: int | None,
               plain_max_tokens: int) -> Job:
-    """Validate an HTTP body's options for one prompt and make the engine request."""
+    """Validate an HTTP body's options for one prompt and make the engine request. Tokenises: run it
+    off the event loop."""
     if body.n < 1:
         raise APIError(400, f"n: must be at least 1, got {body.n}", "n")
     try:
@@ -167,11 +195,11 @@ def build_job(engine: Engine, prompt: str | list[dict], body: _Body, max_tokens:
     for key, value in (body.search or {}).items():
         name = SEARCH_ALIASES.get(key, key)
         if name in SEARCH_FIELDS:
-            search_kw[name] = _coerce(name, value, _SEARCH_TYPES[name], "search")
+            search_kw[name] = _coerce(key, value, _SEARCH_TYPES[name], "search")
         elif name in SAMPLING_KEYS:
-            sampling_kw[name] = _coerce(name, value, _SAMPLING_TYPES[name], "search")
+            sampling_kw[name] = _coerce(key, value, _SAMPLING_TYPES[name], "search")
         elif name in REQUEST_KEYS:
-            extra[name] = _coerce(name, value, _EXTRA_TYPES[name], "search")
+            extra[name] = _coerce(key, value, _EXTRA_TYPES[name], "search")
         else:
             known = sorted(SEARCH_FIELDS | SAMPLING_KEYS | REQUEST_KEYS | set(SEARCH_ALIASES))
             raise APIError(400, f"search.{key}: unknown option; expected one of {known}", f"search.{key}")
@@ -182,19 +210,21 @@ def build_job(engine: Engine, prompt: str | list[dict], body: _Body, max_tokens:
         search_kw.setdefault("n_particles", default_n)
     try:
         search = SearchParams(**search_kw)
-    except (ValueError, TypeError) as e:
-        field = str(e).split(" ")[0]
-        if field in SEARCH_FIELDS:
-            raise APIError(400, f"search.{e}", f"search.{field}") from None
-        raise APIError(400, f"search: {e}", "search") from None
-    if not plain and body.n > _candidates(search):
-        raise APIError(400, f"n: a {search.method} search returns at most {_candidates(search)} candidates, "
+    except InvalidArgument as e:
+        raise _invalid(e) from None
+    candidates = make_method(search).n_candidates
+    if not plain and body.n > candidates:
+        raise APIError(400, f"n: a {search.method} search returns at most {candidates} candidates, "
                             f"asked for {body.n}", "n")
 
     try:
+        check_prompt(prompt)
+    except InvalidArgument as e:
+        raise _invalid(e) from None
+    try:
         prompt_tokens = len(encode_prompt(engine.tokenizer, prompt)[1])
-    except (ValueError, TypeError) as e:
-        raise APIError(400, f"prompt: {e}", "prompt") from None
+    except Exception as e:  # a chat template may refuse a conversation
+        raise APIError(400, f"prompt: cannot be tokenised: {type(e).__name__}: {e}", "prompt") from None
     if body.top_k is not None:
         sampling_kw.setdefault("top_k", body.top_k)
     sampling_kw["temperature"] = 1.0 if body.temperature is None else body.temperature
@@ -215,21 +245,10 @@ def build_job(engine: Engine, prompt: str | list[dict], body: _Body, max_tokens:
         sampling_kw["max_tokens"] = max_tokens
     try:
         sampling = SamplingParams(**sampling_kw)
-    except (ValueError, TypeError) as e:
-        field = str(e).split(" ")[0]
-        raise APIError(400, str(e), field if field in _SAMPLING_TYPES else None) from None
+    except InvalidArgument as e:
+        raise _invalid(e) from None
     return Job(Request(prompt=prompt, sampling=sampling, search=search, reference_answer=extra["reference_answer"]),
                plain, body.n, stops, body.include_stop_str_in_output, extra["return_particles"], prompt_tokens)
-
-
-def _candidates(search: SearchParams) -> int:
-    if search.method == "dvts":
-        return search.n_particles // search.beam_width
-    if search.method == "parallel_tempering":
-        return search.n_particles // len(search.temperatures)
-    if search.method == "particle_gibbs":
-        return search.particles_per_sweep
-    return search.n_particles
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,13 +279,14 @@ def _choices(engine: Engine, job: Job, result: PFResult) -> list[tuple[str, str,
 
 
 def _extension(job: Job, result: PFResult) -> dict:
-    ext: dict[str, Any] = {"method": result.method, "best": result.best, "stats": asdict(result.stats),
-                           "rounds": len(result.trace)}
+    ext: dict[str, Any] = {"method": result.method, "best": result.best, "answer": result.answer,
+                           "stats": asdict(result.stats), "rounds": len(result.trace)}
     if result.expected_accuracy is not None:
         ext["expected_accuracy"] = result.expected_accuracy
     if job.return_particles:
-        ext["particles"] = [{"index": i, "text": p.text, "weight": p.weight, "score": p.score, "finished": p.finished,
-                             "answer": p.answer, "steps": p.steps, "num_tokens": len(p.token_ids)}
+        ext["particles"] = [{"index": i, "text": p.text, "weight": p.weight, "score": p.score,
+                             "finish_reason": p.finish_reason, "answer": p.answer, "steps": p.steps,
+                             "num_tokens": len(p.token_ids)}
                             for i, p in enumerate(result.particles)]
     return ext
 
@@ -280,30 +300,42 @@ def _usage(jobs: list[Job], results: list[PFResult]) -> dict:
 def _round_info(engine: Engine, trace: StepTrace, round_no: int) -> dict:
     leader = max(range(len(trace.log_weights)), key=lambda i: trace.log_weights[i]) if trace.log_weights else 0
     return {"round": round_no, "sweep": trace.sweep, "leader": leader,
-            "leader_text": _decode(engine, trace.tokens[leader]) if trace.tokens else "",
+            "leader_text": engine.detokenize(trace.tokens[leader]) if trace.tokens else "",
             "scores": trace.scores, "weights": [math.exp(w) for w in trace.log_weights], "ess": trace.ess,
             "ancestors": trace.ancestors}
-
-
-def _decode(engine: Engine, tokens: list[int]) -> str:
-    return engine.detokenize(tokens)
 
 
 # ------------------------------------------------------------------------------------------------
 # The app
 
 
-def create_app(engine: Engine, served_model_name: str | None = None) -> FastAPI:
+class _JSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return _json(content).encode("utf-8", "backslashreplace")
+
+
+def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     """The FastAPI app serving ``engine``; one :class:`AsyncEngine` batches all its requests."""
-    name = served_model_name or engine.config.model
+    config = config or ServerConfig()
+    name = config.served_model_name or Path(engine.config.model).name
     aengine = AsyncEngine(engine)
     created = int(time.time())
-    app = FastAPI(title="pfengine", description="OpenAI-compatible server with particle-filtering search")
+    docs = config.enable_docs
+    app = FastAPI(title="pfengine", description="OpenAI-compatible server with particle-filtering search",
+                  default_response_class=_JSONResponse, docs_url="/docs" if docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if docs else None)
+    app.add_middleware(Gate, config=config.gate)
     app.state.engine, app.state.aengine, app.state.model_name = engine, aengine, name
 
     @app.exception_handler(APIError)
     async def _api_error(_: HTTPRequest, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return _JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: HTTPRequest, e: Exception) -> JSONResponse:
+        log.exception("unhandled server error", exc_info=e)
+        return _JSONResponse(APIError(500, f"internal server error ({type(e).__name__})", kind="server_error").body(),
+                             status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: HTTPRequest, e: RequestValidationError) -> JSONResponse:
@@ -313,11 +345,11 @@ def create_app(engine: Engine, served_model_name: str | None = None) -> FastAPI:
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
             parts.append(f"{loc or 'body'}: {err.get('msg')}")
         first = ".".join(str(x) for x in errors[0].get("loc", ()) if x != "body") if errors else None
-        return JSONResponse(APIError(422, "; ".join(parts), first or None).body(), status_code=422)
+        return _JSONResponse(APIError(422, "; ".join(parts), first or None).body(), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+        return _JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 
     @app.get("/health")
     async def health() -> dict:
@@ -328,6 +360,28 @@ def create_app(engine: Engine, served_model_name: str | None = None) -> FastAPI:
     async def models() -> dict:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "pfengine",
                                             "max_model_len": engine.max_len}]}
+
+    def check_size(body: _Body, prompts: list, chars: list[int]) -> None:
+        """Refuse what is too big before any tokenising: prompt length, prompts x n."""
+        limit = engine.config.max_prompt_chars
+        for k, c in enumerate(chars):
+            if c > limit:
+                raise APIError(400, f"prompt: {c} characters; this server allows at most {limit} "
+                                    f"(--max-prompt-chars)", "prompt" if len(chars) == 1 else f"prompt[{k}]")
+        if len(prompts) * body.n > config.max_completions:
+            raise APIError(400, f"n: {len(prompts)} prompt(s) x n={body.n} = {len(prompts) * body.n} completions; "
+                                f"this server allows at most {config.max_completions} (--max-completions)", "n")
+
+    def chat_job(messages: list[dict], body: ChatBody, max_tokens: int | None) -> Job:
+        try:
+            prompt = chat_prompt(engine.tokenizer, messages, body.continue_final_message, body.add_generation_prompt)
+        except (ValueError, TypeError) as e:
+            raise APIError(400, str(e) if str(e).startswith(("messages", "continue")) else f"messages: {e}",
+                           "messages") from None
+        except Exception as e:  # the chat template refused the conversation
+            raise APIError(400, f"messages: the chat template refused them: {type(e).__name__}: {e}",
+                           "messages") from None
+        return build_job(engine, prompt, body, max_tokens, plain_max_tokens=SamplingParams().max_tokens)
 
     def check_model(body: _Body) -> None:
         if body.model is not None and body.model != name:
@@ -346,7 +400,9 @@ def create_app(engine: Engine, served_model_name: str | None = None) -> FastAPI:
             raise APIError(400, "prompt: must not be empty", "prompt")
         if body.stream and len(prompts) > 1:
             raise APIError(400, "prompt: streaming takes a single prompt", "prompt")
-        jobs = [build_job(engine, p, body, body.max_tokens, plain_max_tokens=16) for p in prompts]
+        check_size(body, prompts, [len(p) for p in prompts])
+        jobs = await asyncio.to_thread(
+            lambda: [build_job(engine, p, body, body.max_tokens, plain_max_tokens=16) for p in prompts])
         if body.stream:
             return await _stream(engine, aengine, http, jobs[0], name, chat=False,
                                  include_usage=bool((body.stream_options or {}).get("include_usage")))
@@ -368,14 +424,10 @@ def create_app(engine: Engine, served_model_name: str | None = None) -> FastAPI:
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise APIError(400, "max_completion_tokens: give max_tokens or max_completion_tokens, not both",
                            "max_completion_tokens")
-        try:
-            prompt = chat_prompt(engine.tokenizer, [m.model_dump() for m in body.messages],
-                                 body.continue_final_message, body.add_generation_prompt)
-        except (ValueError, TypeError) as e:
-            raise APIError(400, str(e) if str(e).startswith(("messages", "continue")) else f"messages: {e}",
-                           "messages") from None
+        messages = [m.model_dump() for m in body.messages]
+        check_size(body, [messages], [sum(_chars(m.get("content")) for m in messages)])
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        job = build_job(engine, prompt, body, max_tokens, plain_max_tokens=SamplingParams().max_tokens)
+        job = await asyncio.to_thread(chat_job, messages, body, max_tokens)
         if body.stream:
             return await _stream(engine, aengine, http, job, name, chat=True,
                                  include_usage=bool((body.stream_options or {}).get("include_usage")))
@@ -391,9 +443,34 @@ def create_app(engine: Engine, served_model_name: str | None = None) -> FastAPI:
     return app
 
 
+def _http_name(field: str) -> str:
+    """An API option as an HTTP client knows it: a body field, a ``search`` field, or a server flag."""
+    if field in _ENGINE_FIELDS:
+        return f"the server's --{field.replace('_', '-')}"
+    if field in SEARCH_FIELDS or field in SAMPLING_KEYS:
+        return f"search.{'particles' if field == 'n_particles' else field}"
+    return field
+
+
+def _invalid(e: InvalidArgument) -> APIError:
+    message = e.render(_http_name)
+    code = "kv_cache_exhausted" if "KV blocks" in message else None
+    return APIError(400, message, _http_name(e.field), code)
+
+
+def _chars(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(p.get("text", "")) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return 0
+
+
 def _engine_error(e: BaseException) -> APIError:
     if isinstance(e, APIError):
         return e
+    if isinstance(e, InvalidArgument):
+        return _invalid(e)
     if isinstance(e, OutOfBlocks):
         return APIError(400, f"the request does not fit in the KV cache: {e}", None, "kv_cache_exhausted")
     if isinstance(e, (ValueError, TypeError)):
@@ -494,15 +571,15 @@ async def _sse(engine: Engine, events: AsyncIterator[Event], first: asyncio.Futu
                 rounds += 1
                 tr = event.trace
                 if job.plain:
-                    deltas = {i: advance(i, stream_safe(_decode(engine, t), job.stops, job.include_stop))
+                    deltas = {i: advance(i, stream_safe(engine.detokenize(t), job.stops, job.include_stop))
                               for i, t in enumerate(tr.tokens)}
                     yield chunk({i: d for i, d in deltas.items() if d} or {0: ""})
                 else:
-                    settled = search.method != "beam_search" and tr.sweep == search.iterations - 1
+                    settled = make_method(search).settled_text and tr.sweep == search.iterations - 1
                     delta = ""
                     if settled:
                         alive = [tr.tokens[a] for a in tr.ancestors] if tr.ancestors is not None else tr.tokens
-                        delta = advance(0, stream_safe(_decode(engine, common_prefix(alive)), job.stops,
+                        delta = advance(0, stream_safe(engine.detokenize(common_prefix(alive)), job.stops,
                                                        job.include_stop))
                     yield chunk({0: delta}, ext=_round_info(engine, tr, rounds))
             if event.result is not None:
@@ -513,7 +590,7 @@ async def _sse(engine: Engine, events: AsyncIterator[Event], first: asyncio.Futu
                         log.warning("streamed text of choice %d is not a prefix of the final text", j)
                     deltas[j], finish[j] = text[len(sent[j]):] if text.startswith(sent[j]) else "", reason
                     sent[j] = text
-                ext = None if job.plain else _extension(job, result) | {"answer": sent[0]}
+                ext = None if job.plain else _extension(job, result) | {"text": sent[0]}
                 yield chunk(deltas, finish, ext=ext)
                 if include_usage:
                     yield chunk({}, usage=_usage([job], [result]))
@@ -535,12 +612,36 @@ async def _sse(engine: Engine, events: AsyncIterator[Event], first: asyncio.Futu
 
 
 def _json(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(_finite(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float as None: JSON has no NaN or infinity."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig | None = None,
           log_level: str = "info") -> None:
     """Run the server in the foreground (``pfengine serve``)."""
     import uvicorn
 
-    uvicorn.run(create_app(engine, served_model_name), host=host, port=port, log_level=log_level)
+    config = config or ServerConfig()
+    if not is_loopback(host) and config.gate.api_key is None:
+        log.warning("serving on %s, reachable from other machines, WITHOUT an API key: anyone who can reach it "
+                    "can run requests; set --api-key (or PFENGINE_API_KEY)", host)
+    uvicorn.run(create_app(engine, config), host=host, port=port, log_level=log_level)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

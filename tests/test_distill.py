@@ -49,9 +49,10 @@ def test_distill_command_writes_a_head_the_engine_runs(policy_dir, prm_dir, tmp_
     data = tmp_path / "prompts.jsonl"
     data.write_text("\n".join(json.dumps({"problem": p, "answer": "1"}) for p in ["One", "Two two", "Three"]) + "\n")
     out = tmp_path / "head.safetensors"
-    assert main(["distill", "--model", policy_dir, "--prm", prm_dir, "--data", str(data), "--particles", "4",
-                 "--max-steps", "3", "--max-step-tokens", "4", "--epochs", "2", "--out", str(out)]) == 0
-    report = json.loads(capsys.readouterr().out.split("Wrote")[0].split("\n", 3)[-1])
+    assert main(["distill", str(data), "--model", policy_dir, "--prm", prm_dir, "--particles", "4", "--no-chat",
+                 "--aggregation", "last", "--max-steps", "3", "--max-step-tokens", "4", "--epochs", "2",
+                 "--out", str(out), "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert report["prompts"] == 3 and report["states"] > 3
     engine = Engine(EngineConfig(model=policy_dir, prm=str(out), num_blocks=256))
     result = engine.generate([Request(prompt="Hello", sampling=SamplingParams(seed=0, max_steps=2, max_step_tokens=4),
@@ -59,17 +60,22 @@ def test_distill_command_writes_a_head_the_engine_runs(policy_dir, prm_dir, tmp_
     assert all(0.0 <= p.score <= 1.0 for p in result.particles)
 
 
+GOOD = json.dumps({"problem": "a", "answer": "1"})
+
+
 @pytest.mark.parametrize("lines, extra, message", [
-    (["{not json"], [], "line 1 is not JSON"),
-    ([json.dumps({"problem": "a"}), json.dumps({"answer": "b"})], [], "line 2 needs a non-empty string field 'problem'"),
-    ([], [], "no prompts"),
-    ([json.dumps({"problem": "a"})], ["--particles", "0"], "--particles must be positive"),
-    ([json.dumps({"problem": "a"})], ["--out", "head.bin"], "expected a .safetensors file name"),
+    (["{not json"], [], ":1: not JSON"),
+    ([GOOD, json.dumps({"answer": "b"})], [], ":2: 'problem' must be a non-empty string"),
+    ([], [], "no problems in the file"),
+    ([GOOD], ["--particles", "0"], "--particles"),
+    ([GOOD], ["--aggregation", "min"], "distill traces particle_filter under model or last, got particle_filter / min"),
+    ([GOOD], ["--method", "best_of_n"], "got best_of_n / model"),
+    ([GOOD], ["--out", "head.bin"], "expected a .safetensors file name"),
 ])
 def test_distill_rejects_bad_input(policy_dir, prm_dir, tmp_path, capsys, lines, extra, message):
     data = tmp_path / "prompts.jsonl"
     data.write_text("\n".join(lines))
-    args = ["distill", "--model", policy_dir, "--prm", prm_dir, "--data", str(data), "--out",
+    args = ["distill", str(data), "--model", policy_dir, "--prm", prm_dir, "--no-chat", "--no-progress", "--out",
             str(tmp_path / "h.safetensors")] + extra
     assert main(args) == 2
     assert message in capsys.readouterr().err
@@ -78,5 +84,8 @@ def test_distill_rejects_bad_input(policy_dir, prm_dir, tmp_path, capsys, lines,
 def test_distill_needs_a_separate_prm(policy_dir, tmp_path, capsys):
     head = tmp_path / "head.safetensors"
     head.write_bytes(b"")
-    assert main(["distill", "--model", policy_dir, "--prm", str(head), "--out", str(tmp_path / "h.safetensors")]) == 2
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(GOOD)
+    assert main(["distill", str(data), "--model", policy_dir, "--prm", str(head), "--out",
+                 str(tmp_path / "h.safetensors")]) == 2
     assert "expected a PRM checkpoint directory" in capsys.readouterr().err

@@ -1,7 +1,12 @@
 """Step-wise particle filtering end to end on a tiny model with callable PRMs."""
+import random
+
 import pytest
+import torch
 
 from pfengine import Engine, EngineConfig, SearchParams, Request, SamplingParams
+from pfengine.delimiter import DelimiterMatcher
+from pfengine.search.answers import extract_answer
 
 
 def request(seed: int = 0, n: int = 8, **sampling) -> Request:
@@ -14,12 +19,15 @@ def distinct_prefixes(prompt_len: int, sequences: list[list[int]]) -> int:
     return prompt_len + len({tuple(s[:k]) for s in sequences for k in range(1, len(s) + 1)})
 
 
-def test_recompute_ratio_is_exactly_one(policy_dir, prm_dir):
-    engine = Engine(EngineConfig(model=policy_dir, prm=prm_dir, num_blocks=512, block_size=8))
+@pytest.mark.parametrize("family", ["qwen2-gqa", "qwen3-qknorm", "granite-mult", "phi3-longrope", "llama-bias"])
+def test_recompute_ratio_is_exactly_one(checkpoint_dir, prm_checkpoint_dir, family):
+    """Policy and PRM (Qwen2.5-Math-PRM layout) of each family: every distinct prefix forwarded once."""
+    engine = Engine(EngineConfig(model=checkpoint_dir(family), prm=prm_checkpoint_dir(family), num_blocks=512,
+                                 block_size=8))
     results = engine.generate([request(seed=s, n=16) for s in (1, 2)])
     stats = engine.stats()
     union = sum(distinct_prefixes(r.stats.prompt_tokens, [t for tr in r.trace for t in tr.tokens]) for r in results)
-    assert all(r.stats.resamples >= 3 for r in results)
+    assert all(r.stats.resamples >= 2 for r in results)
     assert stats["policy_tokens_forwarded"] == union
     assert stats["prm_tokens_forwarded"] == union
     scored = {tuple(t) for r in results for tr in r.trace for t, s in zip(tr.tokens, tr.scored) if s}
@@ -60,9 +68,28 @@ def test_finished_particles_stay_frozen(policy_dir):
                 finished_at[t] = k
     assert finished_at, "no particle finished early; the test needs EOS to happen"
     assert any(k < len(result.trace) - 1 for k in finished_at.values())
-    for p in result.particles:
-        assert p.finished
-        assert p.token_ids[-1] in engine.eos_ids or len(p.steps) == 6
+    for p in result.particles:  # each particle says why it ended: end-of-text, or cut off by the step budget
+        ended = p.token_ids[-1] in engine.eos_ids
+        assert p.finish_reason == ("eos" if ended else "max_steps") and p.cut_off == (not ended)
+        assert ended or len(p.steps) == 6
+
+
+def test_particles_say_which_limit_cut_them_off(policy_dir):
+    """With EOS impossible, every particle ends at a limit, and says which: the step budget, the
+    token budget, or the context (less the PRM's step-tag room)."""
+    def ended(engine: Engine, **sampling) -> set[tuple[str, int]]:
+        engine.eos_ids = frozenset()
+        result = engine.generate([request(n=2, max_step_tokens=4, **sampling)])[0]
+        assert all(p.cut_off for p in result.particles)
+        return {(p.finish_reason, len(p.token_ids)) for p in result.particles}
+
+    config = dict(model=policy_dir, num_blocks=256, block_size=8)
+    prm = lambda prompt, steps: 0.5  # noqa: E731
+    assert ended(Engine(EngineConfig(**config), prm_fn=prm), max_steps=3) == {("max_steps", 12)}
+    assert ended(Engine(EngineConfig(**config), prm_fn=prm), max_steps=10, max_tokens=6) == {("max_tokens", 6)}
+    prompt = len(Engine(EngineConfig(**config)).tokenizer.encode("Step 1: add 17 and 25."))
+    short = Engine(EngineConfig(**config, max_model_len=prompt + 10 + 7), prm_fn=prm)
+    assert ended(short, max_steps=10) == {("max_model_len", 7)}
 
 
 def test_seeded_runs_repeat_exactly_alone_or_batched(policy_dir):
@@ -86,22 +113,46 @@ def test_many_requests_share_the_cache_and_finish_clean(policy_dir, value_head_f
     for r, req in zip(results, reqs):
         assert len(r.particles) == req.search.n_particles
         assert sum(p.weight for p in r.particles) == pytest.approx(1.0, abs=1e-5)
-        assert r.answer == r.particles[r.best].text
+        assert r.text == r.particles[r.best].text and r.answer == r.particles[r.best].answer
+        assert r.answer == extract_answer(r.text)
         assert r.best == max(range(len(r.particles)), key=lambda i: r.particles[i].weight)
     assert engine.stats()["policy_blocks_in_use"] == 0
     engine.policy.blocks.check_invariants()
 
 
-def test_step_ends_on_a_token_that_merges_the_delimiter(policy_dir):
-    engine = Engine(EngineConfig(model=policy_dir, num_blocks=64, block_size=8), prm_fn=lambda p, s: 0.5)
-    from pfengine.state import Particle, RequestState
-    r = RequestState(0, request(), [1], "x", seed=0, rows=[0])
-    engine._token_text |= {1000: "so", 1001: " 5.\n", 1002: "\nThe", 1003: "x\n\ny"}
+def test_step_ends_on_a_token_that_merges_the_delimiter():
+    texts = {1000: "so", 1001: " 5.\n", 1002: "\nThe", 1003: "x\n\ny"}
     for tokens, ends in [([1000, 1001, 1002], 3), ([1003], 1), ([1000, 1001], None)]:
-        p = Particle()
+        matcher, state = DelimiterMatcher("\n\n", texts.__getitem__, 1100), torch.zeros(1, dtype=torch.int64)
         for k, t in enumerate(tokens, 1):
-            engine._append(r, p, t)
-            assert p.step_done == (k == ends)
+            state, done = matcher.advance(state, torch.tensor([t]))
+            assert bool(done[0]) == (k == ends)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_delimiter_is_found_on_token_ids_where_text_matching_finds_it(seed):
+    """The matcher (a string automaton over token texts, transitions cached per (state, token)) ends
+    a step exactly where searching the step's text for the delimiter would: random vocabularies of
+    texts built from the delimiter's own characters, many rows advancing at once."""
+    rng = random.Random(seed)
+    delimiter = rng.choice(["\n\n", "abab", "aab", "xyzx", "\n"])
+    alphabet = sorted(set(delimiter)) + ["q"]
+    texts = {t: "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4))) for t in range(60)}
+    matcher = DelimiterMatcher(delimiter, texts.__getitem__, 60)
+    rows = [[rng.randrange(60) for _ in range(30)] for _ in range(8)]
+    state = torch.zeros(len(rows), dtype=torch.int64)
+    text = [""] * len(rows)
+    for k in range(30):
+        new = torch.tensor([r[k] for r in rows])
+        state, done = matcher.advance(state, new)
+        for i, t in enumerate(new.tolist()):
+            piece = texts[t]
+            text[i] += piece
+            tail = text[i][-(len(piece) + len(delimiter) - 1):] if piece else ""
+            expected = delimiter in tail
+            assert bool(done[i]) == expected, (delimiter, text[i])
+            if expected:
+                text[i] = ""  # the next step begins
 
 
 def test_greedy_particles_are_identical(policy_dir):

@@ -5,13 +5,20 @@ import math
 import pytest
 
 pytest.importorskip("its_hub")
-from its_hub.algorithms import ParticleFiltering, SelfConsistency  # noqa: E402
 from its_hub.api import ChatMessage, GenerationUsage  # noqa: E402
+from its_hub.core.algorithms.beam_search import BeamSearch  # noqa: E402
+from its_hub.core.algorithms.bon import BestOfN  # noqa: E402
+from its_hub.core.algorithms.particle_gibbs import ParticleFiltering, ParticleGibbs  # noqa: E402
+from its_hub.core.algorithms.self_consistency import SelfConsistency  # noqa: E402
 from its_hub.core.lms.step_generation import StepGeneration  # noqa: E402
 
 from pfengine import Engine, EngineConfig, Request, SamplingParams, SearchParams  # noqa: E402
-from pfengine.its_hub_adapter import EngineLanguageModel, EngineProcessRewardModel  # noqa: E402
+from pfengine.its_hub_adapter import (EngineLanguageModel, EngineOutcomeRewardModel,  # noqa: E402
+                                      EngineProcessRewardModel)
 from pfengine.prompting import chat_prompt  # noqa: E402
+from pfengine.search.answers import extract_answer  # noqa: E402
+from pfengine.toy import task  # noqa: E402
+from pfengine.toy.pf import POLICY, PRM, is_bundled  # noqa: E402
 
 QUESTION = "What is 17 + 25?"
 
@@ -147,3 +154,65 @@ def test_prm_adapter_scores_equal_the_engines(kind, policy_dir, value_head_file,
         assert scores[0] == pytest.approx(p, abs=1e-6)
     assert asyncio.run(adapter.ascore(QUESTION, responses)) == pytest.approx(scores, abs=1e-6)
     assert not math.isnan(scores[0])
+
+
+ALGORITHMS = {
+    "ParticleFiltering": lambda prm, orm: ParticleFiltering(StepGeneration(step_token="\n\n", max_steps=3), prm),
+    "ParticleGibbs": lambda prm, orm: ParticleGibbs(StepGeneration(step_token="\n\n", max_steps=3), prm,
+                                                    num_iterations=2),
+    "BeamSearch": lambda prm, orm: BeamSearch(StepGeneration(step_token="\n\n", max_steps=3), prm, beam_width=2),
+    "SelfConsistency": lambda prm, orm: SelfConsistency(consistency_space_projection_func=extract_answer),
+    "BestOfN": lambda prm, orm: BestOfN(orm),
+}
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_its_hub_algorithms_run_on_the_engine(engine, name):
+    """Each of its_hub's own algorithm classes, on the adapter: its answer is a response the engine
+    produced (PRM algorithms: steps it produced), and no KV block is left in use."""
+    lm = RecordingLM(engine, max_tokens=5, seed=3)
+    algorithm = ALGORITHMS[name](EngineProcessRewardModel(engine), EngineOutcomeRewardModel(engine))
+    answer = algorithm.infer(lm, QUESTION, budget=4)["content"]
+    produced = set(lm.returned)
+    assert answer in produced or all(s in produced for s in answer.rstrip("\n").split("\n\n"))
+    assert engine.stats()["policy_blocks_in_use"] == 0
+
+
+def test_outcome_reward_model_scores_the_whole_response_with_the_prm(engine):
+    response = "Step 1: add 17 and 25 to get 42.\n\nThe answer is \\boxed{42}."
+    orm = EngineOutcomeRewardModel(engine)
+    conversation = [ChatMessage("user", QUESTION), ChatMessage("assistant", response)]
+    expected = engine.score_steps([{"role": "user", "content": QUESTION}],
+                                  ["Step 1: add 17 and 25 to get 42.\n\n", "The answer is \\boxed{42}."])[-1]
+    assert orm.score(conversation) == pytest.approx(expected, abs=1e-6)
+    assert orm.score([conversation, conversation[:1] + [ChatMessage("assistant", "12")]])[0] == orm.score(conversation)
+    with pytest.raises(ValueError, match="ends with the assistant's response"):
+        orm.score(conversation[:1])
+
+
+@pytest.mark.skipif(not is_bundled(), reason="the bundled toy checkpoints are missing")
+def test_particles_end_at_eos_without_a_stop_token():
+    """its_hub only sees a particle stop at its stop_token; without one it asks to continue every
+    particle up to max_steps. The adapter answers the continuation of a solution the model ended
+    (EOS) with an empty step, without running the model, so each particle keeps the solution it
+    finished: its text ends with the answer step, and its PRM score does not move."""
+    engine = Engine(EngineConfig(model=str(POLICY), prm=str(PRM)))
+    lm = RecordingLM(engine, max_tokens=64, temperature=0.5, seed=0)
+    prm = EngineProcessRewardModel(engine)
+    problem = task.heldout_set(1)[0]
+    result = ParticleFiltering(StepGeneration(step_token="\n\n", max_steps=len(problem.steps()) + 3), prm).infer(
+        lm, problem.text, budget=4, return_response_only=False)
+    for response in result.responses:  # nothing after the answer step but the delimiters of empty steps
+        solution = response["content"].rstrip("\n")
+        assert task.ANSWER_RE.fullmatch(solution.split("\n\n")[-1]), solution
+    ended = [c for c, r in zip(lm.sent, lm.returned) if r == "" and c[-1].role == "assistant"]
+    assert ended, "no particle ended before max_steps"
+    runs = []
+    run = lm._worker._run
+    lm._worker._run = lambda requests: runs.append(len(requests)) or run(requests)
+    try:
+        assert lm.generate(ended[0]) == {"role": "assistant", "content": ""} and runs == []
+    finally:
+        lm._worker._run = run
+    text = ended[0][-1].content
+    assert prm.score(problem.text, text) == prm.score(problem.text, text.rstrip("\n"))

@@ -29,25 +29,23 @@ def pair(request, checkpoint_dir):
     return make_runner(path), hf
 
 
-def test_prefill_and_30_decode_steps(pair):
-    runner, hf = pair
+def prefill_and_decode_error(runner: ModelRunner, hf, steps: int = 30) -> float:
+    """Max |our logits - transformers'| over a 21-token prefill and ``steps`` greedy decode steps."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 370, (21,), generator=g).tolist()
     ours = [runner.decoder.logits(runner.extend([0], [ids]))[0]]
-    for _ in range(30):
+    for _ in range(steps):
         ids.append(int(ours[-1].argmax()))
         ours.append(runner.decoder.logits(runner.decode(torch.tensor([0]), torch.tensor([ids[-1]])))[0])
     ref = hf_logits(hf, ids)[20:]
-    torch.testing.assert_close(torch.stack(ours), ref, atol=ATOL, rtol=0)
     runner.blocks.free(torch.tensor([0]))
     runner.blocks.check_invariants()
+    return float((torch.stack(ours) - ref).abs().max())
 
 
-@pytest.mark.parametrize("prompt_len", [16, 13])  # fork exactly on a block boundary, and mid-block
-def test_forked_children_match_full_forward(pair, prompt_len):
+def forked_children_error(runner: ModelRunner, hf, prompt_len: int) -> float:
     """Children continue from a forked parent (shared blocks, copy-on-write of the partial block);
-    each child's logits equal transformers on the child's full token sequence."""
-    runner, hf = pair
+    max |each child's logits - transformers' on the child's full token sequence|."""
     g = torch.Generator().manual_seed(prompt_len)
     prompt = torch.randint(0, 370, (prompt_len,), generator=g).tolist()
     runner.extend([0], [prompt])
@@ -67,12 +65,20 @@ def test_forked_children_match_full_forward(pair, prompt_len):
             logits[r].append(out[r])
         runner.blocks.check_invariants()
     assert runner.cow_copies > 0 or prompt_len % runner.blocks.block_size == 0
-    for r in range(4):
-        ref = hf_logits(hf, seqs[r])[prompt_len:]
-        torch.testing.assert_close(torch.stack(logits[r]), ref, atol=ATOL, rtol=0)
+    error = max(float((torch.stack(logits[r]) - hf_logits(hf, seqs[r])[prompt_len:]).abs().max()) for r in range(4))
     runner.blocks.free(torch.arange(4))
     assert runner.blocks.blocks_in_use == 0
     runner.blocks.check_invariants()
+    return error
+
+
+def test_prefill_and_30_decode_steps(pair):
+    assert prefill_and_decode_error(*pair) <= ATOL
+
+
+@pytest.mark.parametrize("prompt_len", [16, 13])  # fork exactly on a block boundary, and mid-block
+def test_forked_children_match_full_forward(pair, prompt_len):
+    assert forked_children_error(*pair, prompt_len) <= ATOL
 
 
 def test_batched_prefill_of_different_lengths(pair):

@@ -14,11 +14,24 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from pfengine import Engine, EngineConfig, Request, SamplingParams, SearchParams  # noqa: E402
-from pfengine.server import create_app  # noqa: E402
+from pfengine.search.answers import extract_answer  # noqa: E402
+from pfengine.server import ServerConfig, create_app  # noqa: E402
+from pfengine.state import FINISH_REASONS  # noqa: E402
 
 MODEL = "tiny-pf"
 PF = {"method": "particle_filter", "particles": 4, "max_steps": 3, "max_step_tokens": 5}
 CHAT = [{"role": "user", "content": "What is 17 + 25?"}]
+
+
+SERVED: dict[int, list] = {}
+"""Engine id -> the AsyncEngines of the apps serving it."""
+
+
+def serving(engine, config=None):
+    """``create_app`` that remembers the app's AsyncEngine, for :func:`wait_idle`."""
+    app = create_app(engine, config or ServerConfig(served_model_name=MODEL))
+    SERVED.setdefault(id(engine), []).append(app.state.aengine)
+    return app
 
 
 class LoopbackServer:
@@ -55,7 +68,7 @@ def engine(policy_dir, value_head_file):
 
 @pytest.fixture(scope="module")
 def base_url(engine):
-    with LoopbackServer(create_app(engine, served_model_name=MODEL)) as url:
+    with LoopbackServer(serving(engine)) as url:
         yield url
 
 
@@ -67,9 +80,10 @@ def client(base_url, engine):
 
 
 def wait_idle(engine, timeout: float = 20.0) -> None:
-    """The engine has no request left and every KV block is free again."""
+    """The engine has no request left, every KV block is free again and the server's engine loop has
+    stopped (so this thread may drive the engine directly)."""
     deadline = time.monotonic() + timeout
-    while engine.has_work or engine.stats()["policy_blocks_in_use"]:
+    while engine.has_work or engine.stats()["policy_blocks_in_use"] or not all(a.idle for a in SERVED.get(id(engine), [])):
         assert time.monotonic() < deadline, f"engine still busy: {engine.stats()}"
         time.sleep(0.02)
 
@@ -174,13 +188,17 @@ def test_search_stream_sends_rounds_then_the_answer(client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer
     last = chunks[-1]
     assert last.choices[0].finish_reason in ("stop", "length")
-    assert last.model_extra["pfengine"]["answer"] == answer and len(last.model_extra["pfengine"]["particles"]) == 4
+    ext = last.model_extra["pfengine"]
+    assert ext["text"] == answer and len(ext["particles"]) == 4
+    # "answer" is the extracted answer of the chosen particle, not its text
+    assert ext["answer"] == extract_answer(answer) == ext["particles"][ext["best"]]["answer"]
+    assert all(p["finish_reason"] in FINISH_REASONS for p in ext["particles"])
 
 
 @pytest.mark.parametrize("kwargs, status, field", [
-    (dict(extra_body={"search": {"method": "particle_filter", "particles": 0}}), 400, "n_particles"),
+    (dict(extra_body={"search": {"method": "particle_filter", "particles": 0}}), 400, "search.particles: must be >= 1"),
     (dict(extra_body={"search": {"method": "no_such_method"}}), 400, "method"),
-    (dict(extra_body={"search": {"particles": "many"}}), 400, "search.n_particles"),
+    (dict(extra_body={"search": {"particles": "many"}}), 400, "search.particles"),
     (dict(extra_body={"search": {"bogus": 1}}), 400, "search.bogus"),
     (dict(temperature=-1.0), 400, "temperature"),
     (dict(top_p=0.0), 400, "top_p"),
@@ -281,7 +299,7 @@ def test_concurrent_requests_are_isolated(base_url, engine):
         ext = r["pfengine"]
         assert ext["method"] == method
         assert [p["text"] for p in ext["particles"]] == [p.text for p in ref.particles], k
-        assert r["choices"][0]["text"] == ref.answer
+        assert r["choices"][0]["text"] == ref.text and ext["answer"] == ref.answer
         assert r["usage"]["completion_tokens"] == ref.stats.generated_tokens
 
 

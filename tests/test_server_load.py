@@ -1,6 +1,7 @@
-"""A bounded loopback load test: 100 concurrent clients, some malformed, some cancelled mid-stream.
-The server stays up, malformed requests get 4xx, cancelled ones free their blocks, all others
-complete, and no KV block is left in use."""
+"""A bounded loopback load test: 100 concurrent clients, some malformed or hostile (work over the
+limits, 8 MB bodies, broken JSON), some cancelled mid-stream. The server stays up, hostile requests
+get 4xx, cancelled ones free their blocks, all others complete, and no KV block is left in use.
+(``bench/server_load.py`` measures the latencies, quiet against hostile.)"""
 import asyncio
 import json
 
@@ -8,10 +9,9 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from pfengine.server import create_app  # noqa: E402
 
 from pfengine import Engine, EngineConfig  # noqa: E402
-from test_server import MODEL, PF, LoopbackServer, wait_idle  # noqa: E402
+from test_server import MODEL, PF, LoopbackServer, serving, wait_idle  # noqa: E402
 
 N_OK, N_BAD, N_CANCEL = 70, 15, 15
 BAD_BODIES = [
@@ -20,6 +20,10 @@ BAD_BODIES = [
     {"model": MODEL},
     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 3},
     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "search": {"particles": 0}},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+     "search": {"method": "particle_gibbs", "particles": 600_000, "iterations": 1000}},
+    b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": ',
+    b'{"model": "x", "prompt": "' + b"7 " * (4 << 20) + b'"}',
 ]
 
 
@@ -36,7 +40,9 @@ def test_hundred_concurrent_clients(policy_dir, value_head_file):
         return "ok", r.status_code if r.status_code != 200 or r.json()["choices"][0]["message"]["content"] is None else 200
 
     async def bad(client: httpx.AsyncClient, k: int) -> tuple[str, int]:
-        r = await client.post("/v1/chat/completions", json=BAD_BODIES[k % len(BAD_BODIES)])
+        body = BAD_BODIES[k % len(BAD_BODIES)]
+        raw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {}
+        r = await client.post("/v1/chat/completions", **({"json": body} if not raw else raw))
         return "bad", r.status_code
 
     async def cancel(client: httpx.AsyncClient, k: int) -> tuple[str, int]:
@@ -58,7 +64,7 @@ def test_hundred_concurrent_clients(policy_dir, value_head_file):
             health = await client.get("/health")
         return results, health
 
-    with LoopbackServer(create_app(engine, served_model_name=MODEL)) as url:
+    with LoopbackServer(serving(engine)) as url:
         results, health = asyncio.run(main(url))
         wait_idle(engine, timeout=60)
     by_kind: dict[str, list[int]] = {}

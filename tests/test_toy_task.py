@@ -1,11 +1,9 @@
-"""The toy arithmetic task: generator, step checker (prefix and local labels), slips, answer extraction."""
-import random
-
+"""The toy arithmetic task: generator, step checker, answer extraction."""
 import pytest
 
-from pfengine.toy.task import (MAX_OPERAND, MAX_OPS, MAX_VALUE, MIN_OPERAND, MIN_OPS, MIN_VALUE, SLIPS, Problem,
+from pfengine.toy.task import (MAX_OPERAND, MAX_OPS, MAX_VALUE, MIN_OPERAND, MIN_OPS, MIN_VALUE, Problem,
                                check_solution, check_step, check_steps, extract_answer, heldout_set, parse_problem,
-                               problems, slipped_steps, split_steps)
+                               problems, split_steps)
 
 P = Problem(47, (("+", 385), ("-", 129), ("+", 56)))
 REF = "47 + 385 = 432\n\n432 - 129 = 303\n\n303 + 56 = 359\n\nThe answer is \\boxed{359}."
@@ -96,65 +94,3 @@ def test_generators_are_seeded_disjoint_and_in_range():
 
 def test_fixed_number_of_operations():
     assert {len(p.ops) for p in problems("train", 0, 50, n_ops=5)} == {5}
-
-
-@pytest.mark.parametrize("solution, prefix, local", [
-    (REF, [True, True, True, True], [True, True, True, True]),
-    # a slip at step 1, every later step right from the written value: only step 1 is locally wrong
-    ("47 + 385 = 432\n\n432 - 129 = 313\n\n313 + 56 = 369\n\nThe answer is \\boxed{369}.",
-     [True, False, False, False], [True, False, True, True]),
-    # ... and an answer that ignores the written chain is wrong locally too
-    ("47 + 385 = 432\n\n432 - 129 = 313\n\n313 + 56 = 369\n\nThe answer is \\boxed{359}.",
-     [True, False, False, False], [True, False, True, False]),
-    # a step that "repairs" the chain (left operand is not what was written) is locally wrong
-    ("47 + 385 = 432\n\n432 - 129 = 313\n\n303 + 56 = 359\n\nThe answer is \\boxed{359}.",
-     [True, False, False, False], [True, False, False, True]),
-    # wrong operand, skipped operation, unparseable step (nothing after it can be judged right)
-    ("47 + 358 = 405\n\n405 - 129 = 276", [False, False], [False, True]),
-    ("47 + 385 = 432\n\n303 + 56 = 359", [True, False], [True, False]),
-    ("47 + 385 = 432\n\nforty\n\n303 + 56 = 359", [True, False, False], [True, False, False]),
-    ("47 + 385 = 432\n\n432 - 129 = 303\n\n303 + 56 = 359\n\nThe answer is \\boxed{359}.\n\n359 + 1 = 360",
-     [True, True, True, True, False], [True, True, True, True, False]),
-])
-def test_local_labels(solution, prefix, local):
-    c = check_solution(P, solution)
-    assert (c.step_ok, c.step_local) == (prefix, local)
-
-
-def test_prefix_labels_are_the_running_and_of_local_labels():
-    rng = random.Random(0)
-    for p in heldout_set(50):
-        for steps in (p.steps(), slipped_steps(p, rng)):
-            c = check_steps(p, steps)
-            assert c.step_ok == [all(c.step_local[:i + 1]) for i in range(len(steps))]
-
-
-def test_slipped_steps_are_minimal_pairs():
-    """One locally wrong operation step; the text equals the reference up to that step; the answer
-    follows the written chain; every kind of slip occurs."""
-    rng = random.Random(1)
-    kinds = set()
-    for p in list(problems("train", 3, 300)):
-        ref, bad = p.steps(), slipped_steps(p, rng)
-        c = check_steps(p, bad)
-        wrong = [i for i, ok in enumerate(c.step_local) if not ok]
-        assert len(wrong) == 1 and wrong[0] < len(p.ops) and len(bad) == len(ref)
-        i = wrong[0]
-        assert bad[:i] == ref[:i] and not c.correct
-        a, op, x, _, _ = bad[i].split(" ")
-        kinds.add("left" if int(a) != p.values()[i] else "operand" if int(x) != p.ops[i][1]
-                  else "sign" if op != p.ops[i][0] else "result")
-    assert kinds == set(SLIPS)
-
-
-def test_more_slips_are_each_wrong_locally():
-    """With ``more``, later steps slip too: the locally wrong steps are exactly the ones that differ
-    from the step that is right after what was written before them, and there are several."""
-    rng = random.Random(2)
-    counts = []
-    for p in list(problems("train", 4, 200)):
-        bad = slipped_steps(p, rng, more=0.5)
-        c = check_steps(p, bad)
-        counts.append(c.step_local.count(False))
-        assert c.step_local[-1] and not c.correct  # the answer states the written chain's value
-    assert min(counts) >= 1 and sum(counts) / len(counts) > 2

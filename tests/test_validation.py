@@ -14,26 +14,30 @@ def engine(policy_dir):
 
 
 REQUEST_CASES = [
+    ("prompt too long", lambda: Request(prompt="7 + 8 = 15. " * 40), ValueError,
+     "prompt: .* does not fit EngineConfig.max_model_len=96"),
+    ("too many particles", lambda: Request(prompt="hi", search=SearchParams(n_particles=64)), ValueError,
+     "n_particles: 64 particles need 65 cache rows; EngineConfig.max_particles is 32"),
+    ("needs a PRM", None, ValueError, "method: 'particle_filter' needs a PRM"),
+]
+PARAM_CASES = [
     ("empty prompt", lambda: Request(prompt=""), ValueError, "prompt: must not be empty"),
     ("empty chat", lambda: Request(prompt=[]), ValueError, "prompt: chat messages must not be empty"),
     ("prompt type", lambda: Request(prompt=42), TypeError, "prompt: expected a string or a list of chat messages"),
-    ("prompt too long", lambda: Request(prompt="7 + 8 = 15. " * 40), ValueError, "does not fit max_model_len=96"),
-    ("too many particles", lambda: Request(prompt="hi", search=SearchParams(n_particles=64)), ValueError,
-     "needs 66 cache rows; EngineConfig.max_particles is 32"),
-    ("needs a PRM", None, ValueError, "needs a PRM"),
-]
-PARAM_CASES = [
-    ("zero particles", lambda: SearchParams(n_particles=0), ValueError, "n_particles must be positive, got 0"),
-    ("negative budget", lambda: SearchParams(n_particles=-4), ValueError, "n_particles must be positive"),
-    ("negative temperature", lambda: SamplingParams(temperature=-0.5), ValueError, "temperature must be >= 0"),
-    ("top_p zero", lambda: SamplingParams(top_p=0.0), ValueError, r"top_p must be in \(0, 1\], got 0.0"),
-    ("top_p above one", lambda: SamplingParams(top_p=1.2), ValueError, r"top_p must be in \(0, 1\]"),
-    ("unknown method", lambda: SearchParams(method="mcts"), ValueError, "method must be one of"),
+    ("zero particles", lambda: SearchParams(n_particles=0), ValueError, "n_particles: must be >= 1, got 0"),
+    ("negative budget", lambda: SearchParams(n_particles=-4), ValueError, "n_particles: must be >= 1"),
+    ("negative temperature", lambda: SamplingParams(temperature=-0.5), ValueError, "temperature: must be >= 0"),
+    ("top_p zero", lambda: SamplingParams(top_p=0.0), ValueError, r"top_p: must be in \(0.0, 1.0\], got 0.0"),
+    ("top_p above one", lambda: SamplingParams(top_p=1.2), ValueError, r"top_p: must be in \(0.0, 1.0\]"),
+    ("unknown method", lambda: SearchParams(method="mcts"), ValueError, "method: must be one of"),
     ("unknown option", lambda: SearchParams(particles_per_step=3), TypeError, "particles_per_step"),
-    ("unknown aggregation", lambda: SearchParams(aggregation="mean"), ValueError, "aggregation must be one of"),
-    ("unknown resampling", lambda: SearchParams(resampling="optimal"), ValueError, "resampling must be one of"),
-    ("bad block size", lambda: EngineConfig(model="x", block_size=12), ValueError, "block_size must be a positive power of two"),
-    ("bad kv dtype", lambda: EngineConfig(model="x", kv_dtype="int8"), ValueError, "kv_dtype must be one of"),
+    ("unknown aggregation", lambda: SearchParams(aggregation="mean"), ValueError, "aggregation: must be one of"),
+    ("unknown resampling", lambda: SearchParams(resampling="optimal"), ValueError, "resampling: must be one of"),
+    ("bad block size", lambda: EngineConfig(model="x", block_size=12), ValueError,
+     "block_size: must be a positive power of two"),
+    ("bad kv dtype", lambda: EngineConfig(model="x", kv_dtype="int8"), ValueError, "kv_dtype: must be one of"),
+    ("cuda_graphs not a bool", lambda: EngineConfig(model="x", cuda_graphs="no"), TypeError,
+     "cuda_graphs: expected true or false, got 'no'"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Our decoder (Llama / Qwen2 / Mistral) over one paged KV tensor ``[2, layers, blocks, B, Hkv, D]``."""
+"""Our decoder (Llama / Mistral / Qwen2 / Qwen3 / Granite / Phi-3) over one paged KV tensor ``[2, layers, blocks, B, Hkv, D]``."""
 from __future__ import annotations
 
 import logging
@@ -12,7 +12,7 @@ from pfengine.kernels.kv_store import store_kv
 from pfengine.kernels.linear import Weight, linear, prepare, vocab_projection
 from pfengine.kernels.paged_attention import ExtendPlan, paged_decode_attention, paged_extend_attention, plan_extend
 from pfengine.kernels.prm_score import PRMHead
-from pfengine.model.checkpoint import ModelConfig, expected_shapes, load_tensors, read_config
+from pfengine.model.checkpoint import ModelConfig, load_checkpoint
 from pfengine.model.rope import apply_rope, rope_table
 
 log = logging.getLogger("pfengine")
@@ -46,30 +46,42 @@ class ForwardBatch:
 
 @dataclass
 class Layer:
+    """One decoder layer's weights; q/k/v and gate/up are fused for one GEMM each. Optional parts
+    (biases, Qwen3's per-head q/k norms) are None when the checkpoint has none."""
+
     qkv_w: Weight
     qkv_b: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
     o_w: Weight
+    o_b: torch.Tensor | None
     gate_up_w: Weight
+    gate_up_b: torch.Tensor | None
     down_w: Weight
+    down_b: torch.Tensor | None
     attn_norm: torch.Tensor
     mlp_norm: torch.Tensor
 
 
 class PagedDecoder:
-    """Weights plus the KV cache of one model. ``forward`` returns final-normed hidden states."""
+    """Weights plus the KV cache of one model. ``forward`` returns final-normed hidden states.
+
+    Granite's multipliers are folded into the weights at load (the embedding table, the layers'
+    output projections, the LM head), so they cost nothing per token; neither do absent options."""
 
     def __init__(self, cfg: ModelConfig, tensors: dict[str, torch.Tensor], num_blocks: int, block_size: int,
                  kv_dtype: torch.dtype, max_len: int, device: str | torch.device = "cpu") -> None:
         self.cfg = cfg
         t = {k: v.to(device) for k, v in tensors.items()}
-        self.embed = t["model.embed_tokens.weight"]
+        embed = t["model.embed_tokens.weight"]
+        self.embed = _scaled(embed, cfg.embedding_multiplier)
         self.norm = t["model.norm.weight"]
-        self.lm_head = None if cfg.is_prm else t.get("lm_head.weight", self.embed)
+        self.lm_head = None if cfg.is_prm else _scaled(t.get("lm_head.weight", embed), 1 / cfg.logits_scaling)
+        """``[vocab, H]``, logits scaling folded in: logits are ``hidden @ lm_head.T``."""
         self.unembed = None if self.lm_head is None else prepare(self.lm_head)
-        self.prm_head = (PRMHead(t["score.0.weight"], t["score.0.bias"], t["score.2.weight"], t["score.2.bias"])
-                         if cfg.is_prm else None)
+        self.prm_head = PRMHead.from_tensors(t) if cfg.is_prm else None
         self.layers = [self._layer(t, f"model.layers.{i}.") for i in range(cfg.num_layers)]
-        self.rope = rope_table(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_len).to(device)
+        self.rope = rope_table(cfg.rope, max_len).to(device)
         self.kv_cache = torch.zeros(2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
                                     dtype=kv_dtype, device=device)
         self.tables: torch.Tensor | None = None
@@ -78,14 +90,15 @@ class PagedDecoder:
         log.info("prompt prefill attention: %s", "flash-attn varlen" if self.flash else "torch SDPA")
 
     def _layer(self, t: dict[str, torch.Tensor], p: str) -> Layer:
-        a = p + "self_attn."
-        qkv_b = (torch.cat([t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]])
-                 if self.cfg.qkv_bias else None)
+        a, m, r = p + "self_attn.", p + "mlp.", self.cfg.residual_multiplier
         return Layer(
-            qkv_w=prepare(torch.cat([t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"]])),
-            qkv_b=qkv_b, o_w=prepare(t[a + "o_proj.weight"]),
-            gate_up_w=prepare(torch.cat([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]])),
-            down_w=prepare(t[p + "mlp.down_proj.weight"]),
+            qkv_w=prepare(_joined(t, a, ("q_proj", "k_proj", "v_proj"), "qkv_proj", ".weight")),
+            qkv_b=_joined(t, a, ("q_proj", "k_proj", "v_proj"), "qkv_proj", ".bias"),
+            q_norm=t.get(a + "q_norm.weight"), k_norm=t.get(a + "k_norm.weight"),
+            o_w=prepare(_scaled(t[a + "o_proj.weight"], r)), o_b=_scaled(t.get(a + "o_proj.bias"), r),
+            gate_up_w=prepare(_joined(t, m, ("gate_proj", "up_proj"), "gate_up_proj", ".weight")),
+            gate_up_b=_joined(t, m, ("gate_proj", "up_proj"), "gate_up_proj", ".bias"),
+            down_w=prepare(_scaled(t[m + "down_proj.weight"], r)), down_b=_scaled(t.get(m + "down_proj.bias"), r),
             attn_norm=t[p + "input_layernorm.weight"], mlp_norm=t[p + "post_attention_layernorm.weight"])
 
     @torch.inference_mode()
@@ -98,8 +111,8 @@ class PagedDecoder:
             h = _rms_norm(x, layer.attn_norm, self.cfg.rms_norm_eps)
             x = x + self._attention(i, layer, h, cos_sin, batch, tables, plan)
             h = _rms_norm(x, layer.mlp_norm, self.cfg.rms_norm_eps)
-            gate, up = linear(h, layer.gate_up_w).chunk(2, dim=-1)
-            x = x + linear(F.silu(gate) * up, layer.down_w)
+            gate, up = linear(h, layer.gate_up_w, layer.gate_up_b).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, layer.down_w, layer.down_b)
         return _rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -112,17 +125,19 @@ class PagedDecoder:
         c = self.cfg
         qkv = linear(x, layer.qkv_w, layer.qkv_b)
         q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1)
-        q = apply_rope(q.view(-1, c.num_heads, c.head_dim), cos_sin)
-        k = apply_rope(k.view(-1, c.num_kv_heads, c.head_dim), cos_sin)
+        q, k = q.view(-1, c.num_heads, c.head_dim), k.view(-1, c.num_kv_heads, c.head_dim)
+        if layer.q_norm is not None:
+            q, k = _rms_norm(q, layer.q_norm, c.rms_norm_eps), _rms_norm(k, layer.k_norm, c.rms_norm_eps)
+        q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
         v = v.view(-1, c.num_kv_heads, c.head_dim)
         k_cache, v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         store_kv(k, v, k_cache, v_cache, batch.slots)
-        scale = c.head_dim ** -0.5
+        scale = c.attention_scale
         if plan is None:
             out = paged_decode_attention(q, k_cache, v_cache, tables, batch.context_lens, scale)
         else:
             out = self._extend_attention(q, k, v, k_cache, v_cache, batch, plan, scale)
-        return linear(out.reshape(q.shape[0], -1), layer.o_w)
+        return linear(out.reshape(q.shape[0], -1), layer.o_w, layer.o_b)
 
     def _extend_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                           v_cache: torch.Tensor, batch: ForwardBatch, plan: ExtendPlan, scale: float) -> torch.Tensor:
@@ -142,11 +157,25 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
+def _joined(t: dict[str, torch.Tensor], prefix: str, parts: tuple[str, ...], fused: str,
+            suffix: str) -> torch.Tensor | None:
+    """The checkpoint's fused projection (Phi-3), or its separate ones concatenated; None if absent."""
+    if prefix + fused + suffix in t:
+        return t[prefix + fused + suffix]
+    if prefix + parts[0] + suffix not in t:
+        return None
+    return torch.cat([t[prefix + part + suffix] for part in parts])
+
+
+def _scaled(x: torch.Tensor | None, factor: float) -> torch.Tensor | None:
+    return x * factor if x is not None and factor != 1 else x
+
+
 def load_decoder(path: str | Path, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
                  max_len: int | None = None, device: str | torch.device = "cpu") -> PagedDecoder:
     """Load a checkpoint directory; compute in fp32 (bf16 GEMMs are ~400x slower on CPU)."""
-    cfg = read_config(path)
-    shapes = expected_shapes(cfg)
-    tensors = load_tensors(path, shapes, optional=frozenset({"lm_head.weight"}) if cfg.tie_word_embeddings else frozenset())
+    cfg, tensors = load_checkpoint(path)
+    if cfg.context_limit:
+        log.warning("%s: positions limited to %d by %s", path, cfg.max_position_embeddings, cfg.context_limit)
     return PagedDecoder(cfg, tensors, num_blocks, block_size, kv_dtype,
                         min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings), device)

@@ -1,21 +1,27 @@
-"""Rotary position embeddings (default, linear and Llama-3 scaling), half-rotation layout as in HF."""
+"""Rotary position embeddings (default, linear, Llama-3 and LongRoPE short-factor scaling, partial
+rotation), half-rotation layout as in HF."""
 from __future__ import annotations
 
 import math
 
 import torch
 
+from pfengine.model.checkpoint import RopeConfig
 
-def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    if scaling is None:
+
+def inv_frequencies(rope: RopeConfig) -> torch.Tensor:
+    exponents = torch.arange(0, rope.rotary_dim, 2, dtype=torch.float64) / rope.rotary_dim
+    inv_freq = 1.0 / rope.theta ** exponents
+    s = rope.scaling
+    if rope.kind == "default":
         return inv_freq.float()
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "linear":
-        return (inv_freq / scaling["factor"]).float()
-    assert kind == "llama3", f"unsupported rope scaling {kind!r}"
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_len = scaling["original_max_position_embeddings"]
+    if rope.kind == "linear":
+        return (inv_freq / s["factor"]).float()
+    if rope.kind == "longrope":
+        return (inv_freq / torch.tensor(s["short_factor"], dtype=torch.float64)).float()
+    assert rope.kind == "llama3", f"unsupported rope {rope.kind!r}"
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
     smooth = (old_len / wavelen - low) / (high - low)
@@ -24,14 +30,23 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.
     return torch.where(medium, smoothed, scaled).float()
 
 
-def rope_table(head_dim: int, theta: float, scaling: dict | None, max_positions: int) -> torch.Tensor:
-    """``[max_positions, 2, head_dim // 2]``: cos and sin per position."""
-    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_frequencies(head_dim, theta, scaling))
-    return torch.stack([freqs.cos(), freqs.sin()], dim=1)
+def rope_table(rope: RopeConfig, max_positions: int) -> torch.Tensor:
+    """``[max_positions, 2, rotary_dim // 2]``: cos and sin per position."""
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_frequencies(rope))
+    table = torch.stack([freqs.cos(), freqs.sin()], dim=1)
+    return table * rope.attention_factor if rope.attention_factor != 1.0 else table
 
 
 def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """``x [T, heads, D]``, ``cos_sin [T, 2, D/2]`` (already gathered by position)."""
+    """``x [T, heads, D]``, ``cos_sin [T, 2, R/2]`` (already gathered by position): rotates the first
+    R dimensions of each head (all of them unless the rotary is partial)."""
+    rotary_dim = 2 * cos_sin.shape[-1]
+    if rotary_dim == x.shape[-1]:
+        return _rotate(x, cos_sin)
+    return torch.cat([_rotate(x[..., :rotary_dim], cos_sin), x[..., rotary_dim:]], dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     cos, sin = cos_sin[:, None, 0], cos_sin[:, None, 1]
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

@@ -1,6 +1,6 @@
 """Pieces shared by training and evaluation: example encoding, a batched sampler over a
 transformers model, cutting generated tokens into steps exactly as the engine does, step labels,
-hidden states at step ends, and the PRM head."""
+hidden states at step ends, and the PRM's inputs (the heads are :class:`pfengine.distill.Head`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from pfengine.distill import hidden_at
-from pfengine.toy.task import Problem, check_steps, local_step, written_result
+from pfengine.toy.task import Problem, check_steps
 from pfengine.toy.tokenizer import STEP_TAG, prompt_ids, step_ids
 
 STEP_DELIMITER = "\n\n"
@@ -125,41 +125,37 @@ class Sampled:
     tokens: list[int]
     spans: list[tuple[int, int]]
     labels: list[bool]
-    """Per step: the prefix up to and including it is correct (``Check.step_ok``)."""
-    local: list[bool]
-    """Per step: right given the steps written before it (``Check.step_local``)."""
     correct: bool
     answer: int | None
     token_labels: list[bool]
-    """Per generated token: the step's text up to and including it can still become a locally
-    right step."""
+    """Per generated token: the text up to and including it can still become a correct solution."""
 
 
 def label(cutter: StepCutter, problem: Problem, prompt: list[int], tokens: list[int]) -> Sampled:
     spans = cutter.spans(tokens)
     steps = [cutter.tokenizer.decode(tokens[s:e], skip_special_tokens=True) for s, e in spans]
     chk = check_steps(problem, steps)
-    return Sampled(problem, prompt, tokens, spans, chk.step_ok, chk.step_local, chk.correct, chk.answer,
-                   token_labels(cutter, problem, tokens, spans, steps, chk.step_local))
+    return Sampled(problem, prompt, tokens, spans, chk.step_ok, chk.correct, chk.answer,
+                   token_labels(cutter, problem, tokens, spans, chk.step_ok))
 
 
 def token_labels(cutter: StepCutter, problem: Problem, tokens: list[int], spans: list[tuple[int, int]],
-                 steps: list[str], local: list[bool]) -> list[bool]:
+                 step_ok: list[bool]) -> list[bool]:
     """Dense labels for the PRM: inside a step, a token is good while the step's text so far is a
-    prefix of the step that is right after the steps written before it; a step's last token takes
-    the step's label. They teach the PRM to spot the first wrong digit where it is written -- a
-    one-hop comparison with the backbone's own prediction -- instead of only at the step's end."""
+    prefix of the reference step (all earlier steps being right); a step's last token takes the
+    step's label. They teach the PRM to spot the first wrong digit where it is written -- a one-hop
+    comparison with the backbone's own prediction -- instead of only at the step's end."""
+    ref = problem.steps()
     out: list[bool] = []
-    value: int | None = problem.start
+    prefix_ok = True
     for i, (a, e) in enumerate(spans):
-        right = local_step(problem, i, value)
-        target = "" if right is None else right + (STEP_DELIMITER if i < len(problem.ops) else "")
+        target = ref[i] + (STEP_DELIMITER if i < len(ref) - 1 else "") if i < len(ref) else ""
         text = ""
         for k in range(a, e):
             if tokens[k] != cutter.eos_id:
                 text += cutter.token_text(tokens[k])
-            out.append(local[i] if k == e - 1 else bool(target) and target.startswith(text))
-        value = written_result(steps[i])
+            out.append(step_ok[i] if k == e - 1 else prefix_ok and target.startswith(text))
+        prefix_ok = step_ok[i]
     return out
 
 
@@ -185,10 +181,35 @@ def sample_solutions(model, tokenizer, problems: list[Problem], k: int, temperat
 # Step-end hidden states (value head) and tagged sequences (separate PRM)
 # ---------------------------------------------------------------------------------------------
 
-def step_end_hidden(model, samples: list[Sampled], pad_id: int) -> torch.Tensor:
-    """The policy's final (post-norm) hidden state at the last token of every step, in sample order."""
-    return hidden_at(model, [s.prompt + s.tokens for s in samples],
-                     [[len(s.prompt) + e - 1 for _, e in s.spans] for s in samples], pad_id)
+def step_end_hidden(model, samples: list[Sampled], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's final (post-norm) hidden state at the last token of every step, and the steps'
+    labels: ``(hidden [M, H], labels [M])``."""
+    hidden = hidden_at(model, [s.prompt + s.tokens for s in samples],
+                       [[len(s.prompt) + e - 1 for _, e in s.spans] for s in samples], pad_id)
+    return hidden, torch.tensor([int(v) for s in samples for v in s.labels])
+
+
+def tagged_sequence(sample: Sampled, tag_id: int, mode: str, cut: int | None = None) -> tuple[list[int], list[int], list[int]]:
+    """The PRM's input for one sample, as the engine feeds it. ``mode="all"``: a step tag after every
+    step (``last`` / ``prod`` / ``min`` aggregation); ``mode="final"``: the first ``cut`` steps
+    untagged and one tag after step ``cut`` (``model`` aggregation, where earlier tags are dropped).
+    Returns ``(ids, tag positions, labels)``."""
+    ids = list(sample.prompt)
+    pos, ys = [], []
+    steps = [sample.tokens[s:e] for s, e in sample.spans]
+    if mode == "all":
+        for st, y in zip(steps, sample.labels):
+            ids += st + [tag_id]
+            pos.append(len(ids) - 1)
+            ys.append(int(y))
+    else:
+        c = len(steps) if cut is None else cut
+        for st in steps[:c]:
+            ids += st
+        ids.append(tag_id)
+        pos.append(len(ids) - 1)
+        ys.append(int(sample.labels[c - 1]))
+    return ids, pos, ys
 
 
 def tag_id_of(tokenizer) -> int:
@@ -197,37 +218,73 @@ def tag_id_of(tokenizer) -> int:
 
 @dataclass
 class PRMBatch:
-    """Samples as the engine feeds a PRM under ``last`` / ``prod`` / ``min`` aggregation: the prompt,
-    then each step followed by a step tag that stays in the sequence (plain causal attention)."""
-
     ids: torch.Tensor
-    """[B, L], right-padded"""
+    """[B, L]"""
+    mask: torch.Tensor | None
+    """[B, 1, L, L] (``model`` layout) or None (plain causal)"""
+    positions: torch.Tensor | None
     tags: list[list[int]]
     """Per row: where its step tags are."""
     labels: list[list[int]]
-    """Per row: its steps' local labels (``Sampled.local``)."""
+    """Per row: its steps' labels."""
     generated: list[list[int]]
     """Per row: where its generated tokens are (their labels: ``Sampled.token_labels``)."""
 
 
-def prm_batch(samples: list[Sampled], tag_id: int, pad_id: int) -> PRMBatch:
+def prm_batch(samples: list[Sampled], tag_id: int, pad_id: int, mode: str) -> PRMBatch:
+    """A batch of PRM inputs with a tag after every step, in one of the engine's two layouts.
+
+    ``mode="all"`` (``last`` / ``prod`` / ``min`` aggregation): the tags stay in the sequence, every
+    later token reads them; plain causal attention.
+    ``mode="model"`` (``model`` aggregation): the engine scores a tag and drops it again, so no later
+    token ever reads a tag and the next token takes the tag's position. One forward reproduces that
+    for every step at once: a 4-D mask hides each tag from everything after it, and each tag gets
+    the position of the token that follows it.
+
+    """
     seqs, tags, labels, generated = [], [], [], []
     for s in samples:
-        ids, tp, gp = list(s.prompt), [], []
-        for a, e in s.spans:
+        ids, pos, is_tag, tp, ys = list(s.prompt), list(range(len(s.prompt))), [False] * len(s.prompt), [], []
+        gp: list[int] = []
+        n_content = len(s.prompt)
+        for (a, e), y in zip(s.spans, s.labels):
             gp += range(len(ids), len(ids) + e - a)
-            ids += s.tokens[a:e] + [tag_id]
+            ids += s.tokens[a:e]
+            pos += list(range(n_content, n_content + e - a))
+            is_tag += [False] * (e - a)
+            n_content += e - a
+            ids.append(tag_id)
+            pos.append(n_content if mode == "model" else len(pos))
+            is_tag.append(True)
             tp.append(len(ids) - 1)
-        seqs.append(ids)
+            ys.append(int(y))
+        seqs.append((ids, pos, is_tag))
         tags.append(tp)
-        labels.append([int(y) for y in s.local])
+        labels.append(ys)
         generated.append(gp)
-    return PRMBatch(pad_batch(seqs, pad_id), tags, labels, generated)
+    L = max(len(x[0]) for x in seqs)
+    ids_t = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    for i, (ids, _, _) in enumerate(seqs):
+        ids_t[i, :len(ids)] = torch.tensor(ids)
+    if mode == "all":
+        return PRMBatch(ids_t, None, None, tags, labels, generated)
+    pos_t = torch.zeros((len(seqs), L), dtype=torch.long)
+    mask = torch.zeros((len(seqs), 1, L, L), dtype=torch.bool)
+    causal = torch.ones((L, L), dtype=torch.bool).tril()
+    for i, (ids, pos, is_tag) in enumerate(seqs):
+        n = len(ids)
+        pos_t[i, :n] = torch.tensor(pos)
+        pos_t[i, n:] = torch.arange(pos[-1] + 1, pos[-1] + 1 + L - n)
+        tag = torch.tensor(is_tag + [True] * (L - n))  # pads: hidden like tags, attend to themselves
+        m = causal & ~tag[None, :]
+        m |= torch.eye(L, dtype=torch.bool)
+        mask[i, 0] = m
+    return PRMBatch(ids_t, mask, pos_t, tags, labels, generated)
 
 
 def prm_hidden(backbone, batch: PRMBatch) -> torch.Tensor:
     """The backbone's last hidden states [B, L, H] over a PRM batch."""
-    return backbone(input_ids=batch.ids).last_hidden_state
+    return backbone(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions).last_hidden_state
 
 
 def gather(hidden: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:
@@ -236,15 +293,15 @@ def gather(hidden: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:
 
 
 def engine_solutions(policy_dir, problems: list[Problem], k: int, temperature: float, seed: int,
-                     chunk: int = 64, max_step_tokens: int = 32) -> list[Sampled]:
+                     chunk: int = 64, max_steps: int = 10, max_step_tokens: int = 32) -> list[Sampled]:
     """``k`` samples per problem from pfengine itself: one request per problem with ``k`` particles
     and a constant PRM, so resampling keeps every particle (the ``k`` samples are independent).
     Siblings share their prompt's KV blocks, and tokens they sample alike are forwarded once."""
     from pfengine import Engine, EngineConfig
-    from pfengine.toy.pf import MAX_STEPS, pf_request
+    from pfengine.toy.pf import pf_request
 
     n_rows = max(1, min(chunk, len(problems))) * k
-    blocks = n_rows * ((400 + 15) // 16 + 1)
+    blocks = n_rows * ((200 + 15) // 16 + 1)
     engine = Engine(EngineConfig(model=str(policy_dir), num_blocks=blocks, block_size=16, max_particles=n_rows),
                     prm_fn=lambda prompt, steps: 0.5)
     tok = engine.tokenizer
@@ -253,7 +310,7 @@ def engine_solutions(policy_dir, problems: list[Problem], k: int, temperature: f
     for a in range(0, len(problems), chunk):
         part = problems[a:a + chunk]
         reqs = [pf_request(p, n_particles=k, seed=seed * 1_000_003 + a + i, temperature=temperature,
-                           max_step_tokens=max_step_tokens) for i, p in enumerate(part)]
+                           max_steps=max_steps, max_step_tokens=max_step_tokens) for i, p in enumerate(part)]
         for p, r in zip(part, engine.generate(reqs)):
             prompt = prompt_ids(tok, p.text)
             for q in r.particles:

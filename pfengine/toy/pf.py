@@ -9,29 +9,22 @@ from pfengine.toy.task import Problem
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 POLICY = CHECKPOINTS / "policy"
 VALUE_HEAD = POLICY / "value_head.safetensors"
-"""Trained on the checker's step labels over the policy's samples."""
-DISTILLED_HEAD = POLICY / "value_head_distilled.safetensors"
-"""Distilled from the separate PRM's scores on PF traces (``pfengine distill``)."""
 PRM = CHECKPOINTS / "prm"
-
-AGGREGATION = "min"
-"""The bundle's PRMs judge single steps (is this step right, given what was written before it?), so
-a particle's score is its worst step's: a prefix is right exactly while every step is."""
 
 DEMO_TEMPERATURE = 0.5
 """Policy sampling temperature of the demo's sampled methods. At 0.8 the policy's samples are right
 62 % of the time against 70.5 % for greedy decoding, and this toy PRM's top score picks a wrong
 sample too often for best-of-16 to beat greedy; from 0.3 to 0.5 it does (README, toy demo)."""
 
-MAX_STEPS = 16
-"""A solution has at most 13 steps (12 operations + the answer)."""
+MAX_STEPS = 10
+"""A solution has at most 7 steps (6 operations + the answer)."""
 MAX_STEP_TOKENS = 32
 """A step is at most ~16 tokens."""
 
 
 def is_bundled() -> bool:
     """True when the trained checkpoints are present (they are committed; a partial copy is not)."""
-    return all((d / "config.json").is_file() for d in (POLICY, PRM)) and VALUE_HEAD.is_file() and DISTILLED_HEAD.is_file()
+    return all((d / "config.json").is_file() for d in (POLICY, PRM)) and VALUE_HEAD.is_file()
 
 
 def pf_request(problem: Problem | str, n_particles: int = 8, seed: int | None = 0, temperature: float = 0.8,

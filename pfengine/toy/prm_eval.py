@@ -2,16 +2,13 @@
 
     python -m pfengine.toy.prm_eval [--ckpt pfengine/toy/checkpoints] [--problems 200] [--k 8] [--seed 7]
 
-The policy samples ``k`` solutions per held-out problem at T=0.8; each step is labelled by the
-checker twice: *local* (right given the steps written before it) and *prefix* (every step so far
-right). The toy PRMs judge single steps and run under ``min`` aggregation, so each is scored as
+The policy samples ``k`` solutions per held-out problem at T=0.8; each step is labelled
+programmatically (1 while the prefix is still correct). Scored:
 
-- ``local``: its step probability against the local labels (how well it judges a step), and
-- ``prefix``: the running minimum of its step probabilities -- what the engine's weights see --
-  against the prefix labels (comparable with a PRM that judges whole prefixes).
-
-Judges: ``value_head`` (the head on the policy's final hidden state at each step's last token) and
-``prm`` (the separate PRM as the engine feeds it: a tag after every step, kept).
+- ``value_head``: the head on the policy's final hidden state at each step's last token;
+- ``prm_model``: the separate PRM as the engine feeds it under ``model`` aggregation (the prefix,
+  untagged, plus one step tag);
+- ``prm_tagged``: the separate PRM with a tag after every step (``last`` / ``prod`` / ``min``).
 """
 from __future__ import annotations
 
@@ -74,33 +71,21 @@ def head_probs(head: Head, hidden: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def value_head_probs(policy, head: Head, samples: list[Sampled], pad_id: int) -> np.ndarray:
-    hidden = step_end_hidden(policy, samples, pad_id)
-    return head_probs(head, hidden)
+def value_head_probs(policy, head: Head, samples: list[Sampled], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    hidden, labels = step_end_hidden(policy, samples, pad_id)
+    return head_probs(head, hidden), labels.numpy()
 
 
 @torch.no_grad()
-def prm_probs(backbone, head: Head, samples: list[Sampled], tag_id: int, pad_id: int,
-              batch_size: int = 32) -> np.ndarray:
+def prm_probs(backbone, head: Head, samples: list[Sampled], tag_id: int, pad_id: int, mode: str,
+              batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     backbone.eval()
-    ps = []
+    ps, ys = [], []
     for b in range(0, len(samples), batch_size):
-        batch = prm_batch(samples[b:b + batch_size], tag_id, pad_id)
+        batch = prm_batch(samples[b:b + batch_size], tag_id, pad_id, mode)
         ps.append(head_probs(head, gather(prm_hidden(backbone, batch), batch.tags)))
-    return np.concatenate(ps)
-
-
-def judge_metrics(probs: np.ndarray, samples: list[Sampled]) -> dict[str, dict[str, float]]:
-    """Step probabilities in sample order, scored against local labels and, as running minima,
-    against prefix labels."""
-    local = [y for s in samples for y in s.local]
-    prefix = [y for s in samples for y in s.labels]
-    running, at = [], 0
-    for s in samples:
-        running += np.minimum.accumulate(probs[at:at + len(s.local)]).tolist()
-        at += len(s.local)
-    assert at == len(probs)
-    return {"local": step_metrics(probs, local), "prefix": step_metrics(running, prefix)}
+        ys += [y for lab in batch.labels for y in lab]
+    return np.concatenate(ps), np.asarray(ys)
 
 
 def load_head(tensors: dict[str, torch.Tensor]) -> Head:
@@ -111,25 +96,25 @@ def load_head(tensors: dict[str, torch.Tensor]) -> Head:
 
 
 def evaluate(policy_dir: str | Path, prm_dir: str | Path | None, n_problems: int = 200, k: int = 8,
-             seed: int = 7, samples: list[Sampled] | None = None,
-             heads: dict[str, Path] | None = None) -> dict:
+             seed: int = 7, samples: list[Sampled] | None = None) -> dict:
     """Score the steps of ``samples``, or of ``k`` solutions per held-out problem sampled from the
-    policy at T=0.8 by the engine, by the policy's value head(s) (``heads``: name -> file; default
-    the policy directory's ``value_head.safetensors``) and the separate PRM."""
+    policy at T=0.8 by the engine."""
     policy_dir = Path(policy_dir)
     tok = AutoTokenizer.from_pretrained(str(policy_dir), local_files_only=True)
     policy = AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32).eval()
     if samples is None:
         samples = engine_solutions(policy_dir, heldout_set(n_problems), k, 0.8, seed)
     out: dict = {"problems": len({s.problem for s in samples}), "samples": len(samples)}
-    for name, path in (heads or {"value_head": policy_dir / "value_head.safetensors"}).items():
-        out[name] = judge_metrics(value_head_probs(policy, load_head(load_file(str(path))), samples,
-                                                   tok.pad_token_id), samples)
+    head = load_head(load_file(str(policy_dir / "value_head.safetensors")))
+    out["value_head"] = step_metrics(*value_head_probs(policy, head, samples, tok.pad_token_id))
     if prm_dir is not None:
         prm_dir = Path(prm_dir)
         backbone = Qwen2Model.from_pretrained(str(prm_dir), dtype=torch.float32).eval()
         prm_head = load_head(load_file(str(prm_dir / "model.safetensors")))
-        out["prm"] = judge_metrics(prm_probs(backbone, prm_head, samples, tag_id_of(tok), tok.pad_token_id), samples)
+        tag = tag_id_of(tok)
+        for mode in ("model", "tagged"):
+            p, y = prm_probs(backbone, prm_head, samples, tag, tok.pad_token_id, "model" if mode == "model" else "all")
+            out[f"prm_{mode}"] = step_metrics(p, y)
     return out
 
 

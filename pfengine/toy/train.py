@@ -24,10 +24,8 @@ from safetensors.torch import save_file
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 from transformers.utils import logging as hf_logging
 
-from pfengine import distill
 from pfengine.distill import FitConfig, Head, cosine_lr, fit_head
 from pfengine.toy.modeling import (
-    PRMBatch,
     Sampled,
     StepCutter,
     encode_example,
@@ -45,9 +43,9 @@ from pfengine.toy.task import (
     MAX_OPS,
     MIN_OPS,
     Problem,
+    corrupted_steps,
     heldout_set,
     problems,
-    slipped_steps,
 )
 from pfengine.toy.tokenizer import build_tokenizer, prompt_ids, save_tokenizer, step_ids
 
@@ -87,12 +85,6 @@ class Budget:
     prm_lr: float
     """For the teacher's layers; the new layers and the head learn at ``prm_new_lr`` (head 3x)."""
     prm_new_lr: float
-    prm_more_slips: float
-    """In a minimal pair's slipped solution, each operation step after the first slip slips too with
-    this probability (more wrong steps per sequence to learn from)."""
-    distill_problems: int
-    """Training problems whose PF traces (with the separate PRM) the distilled value head learns from."""
-    distill_particles: int
     eval_problems: int
     eval_k: int
     """Held-out samples per problem at T=0.8 (their steps also evaluate the PRMs)."""
@@ -108,18 +100,17 @@ BUDGETS = {
                       check_every=50, policy_batch=16, policy_lr=2e-3,
                       label_problems=1500, label_k=8, head_epochs=30, teacher_steps=800, prm_extra_layers=2,
                       prm_frozen_layers=3, prm_steps=2100, prm_batch=32, prm_lr=2e-4, prm_new_lr=1e-3,
-                      prm_more_slips=0.0, distill_problems=256, distill_particles=16, eval_problems=400, eval_k=4),
+                      eval_problems=400, eval_k=4),
     "tiny": Budget(policy=LMSize(32, 2, 4, 2, 64), max_steps=6, decay_when=1.0, decay_steps=4,
                    check_from=3, check_every=3, valid_problems=4, policy_batch=8, policy_lr=3e-3,
                    label_problems=8, label_k=2, head_epochs=2, teacher_steps=2, prm_extra_layers=1,
                    prm_frozen_layers=1, prm_steps=4, prm_batch=8, prm_lr=3e-3, prm_new_lr=3e-3,
-                   prm_more_slips=0.3, distill_problems=4, distill_particles=2, eval_problems=8, eval_k=2, warmup=2),
+                   eval_problems=8, eval_k=2, warmup=2),
 }
 # A stronger PRM (every layer trained, 2,400 steps) for ~33 minutes; see the README.
 BUDGETS["long"] = replace(BUDGETS["default"], prm_frozen_layers=0, prm_steps=2400)
-DISTILLED_NAME = "value_head_distilled.safetensors"
 SAMPLE_TEMPERATURE = 0.8
-MAX_NEW_TOKENS = 320
+MAX_NEW_TOKENS = 128
 MAX_STEP_TOKENS = 32
 MAX_POSITIONS = 512
 
@@ -209,24 +200,19 @@ def lm_loss(model: Qwen2ForCausalLM, tokenizer, batch: list[Problem]) -> torch.T
 
 
 def train_teacher(policy: Qwen2ForCausalLM, tokenizer, b: Budget, seed: int) -> Qwen2ForCausalLM:
-    """A copy of the policy trained ``teacher_steps`` more steps on fresh solutions written as the PRM
-    reads them (a step tag after every step; tags are read, never predicted), the learning rate
-    decaying to a tenth. Half of each batch are reference solutions, half the same solutions with
-    slips (:class:`SolutionStream` pairs), learned only on their locally right steps: the teacher
-    learns to continue correctly from whatever value was written, which is exactly what a judge of
-    single steps checks. It writes nearly every step right, so its backbone already computes the
-    digits the sampling policy gets wrong, in the PRM's own layout; the PRM starts from it."""
+    """A copy of the policy trained ``teacher_steps`` more steps on fresh problems (learning rate
+    decaying to a tenth). It solves nearly every problem, so its backbone already computes the digits
+    the sampling policy gets wrong; the PRM starts from it."""
     torch.manual_seed(seed)
     teacher = Qwen2ForCausalLM(policy.config)
     teacher.load_state_dict(policy.state_dict())
     teacher.train()
     opt = torch.optim.AdamW(teacher.parameters(), lr=b.policy_lr, betas=(0.9, 0.98), weight_decay=0.01)
-    stream = SolutionStream(tokenizer, seed, b.prm_more_slips)
-    tag, pad = tag_id_of(tokenizer), tokenizer.pad_token_id
+    streams = {k: problems("train", seed, n_ops=k) for k in range(MIN_OPS, MAX_OPS + 1)}
+    rng = random.Random(seed)
     t0 = time.perf_counter()
     for step in range(b.teacher_steps):
-        chunk = [s for _ in range(b.policy_batch // 2) for s in stream.pair()]
-        loss = tagged_lm_loss(teacher, prm_batch(chunk, tag, pad), [locally_right_tokens(s) for s in chunk])
+        loss = lm_loss(teacher, tokenizer, [next(streams[rng.randint(MIN_OPS, MAX_OPS)]) for _ in range(b.policy_batch)])
         for g in opt.param_groups:
             g["lr"] = b.policy_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / b.teacher_steps)))
         opt.zero_grad(set_to_none=True)
@@ -239,20 +225,6 @@ def train_teacher(policy: Qwen2ForCausalLM, tokenizer, b: Budget, seed: int) -> 
     return teacher.eval()
 
 
-def locally_right_tokens(s: Sampled) -> list[bool]:
-    """Per generated token: its step is locally right (a token worth learning to write)."""
-    return [ok for (a, e), ok in zip(s.spans, s.local) for _ in range(e - a)]
-
-
-def tagged_lm_loss(model: Qwen2ForCausalLM, batch: PRMBatch, learn: list[list[bool]]) -> torch.Tensor:
-    """Next-token loss on the generated tokens of a tagged batch where ``learn`` says so (each token
-    predicted from the position before it, which may be a tag); the tags are never targets."""
-    rows = torch.tensor([i for i, (g, m) in enumerate(zip(batch.generated, learn)) for _, ok in zip(g, m) if ok])
-    cols = torch.tensor([p for g, m in zip(batch.generated, learn) for p, ok in zip(g, m) if ok])
-    logits = model(input_ids=batch.ids).logits
-    return F.cross_entropy(logits[rows, cols - 1], batch.ids[rows, cols])
-
-
 def accuracy(samples: list[Sampled]) -> dict[str, float]:
     n = len(samples)
     return {"n": n, "fully_correct": sum(s.correct for s in samples) / n,
@@ -260,45 +232,33 @@ def accuracy(samples: list[Sampled]) -> dict[str, float]:
             "step_accuracy": sum(sum(s.labels) for s in samples) / max(1, sum(len(s.labels) for s in samples))}
 
 
-
-# ---------------------------------------------------------------------------------------------
-# Value head on the frozen policy
-# ---------------------------------------------------------------------------------------------
-
 # ---------------------------------------------------------------------------------------------
 # Separate PRM (Qwen2.5-Math-PRM layout), initialised from the policy's backbone
 # ---------------------------------------------------------------------------------------------
 
-class SolutionStream:
-    """Fresh labelled solutions of training problems, never repeated: reference solutions, or minimal
-    pairs -- a reference solution and the same solution with one slip (:func:`slipped_steps`), equal
-    up to the slipped token. A pair's two members differ only where the verdict does, so the PRM
-    learns what makes a step wrong rather than what problems wrong steps come from."""
+class SlipStream:
+    """Fresh labelled solutions of training problems, never repeated: the reference solution, or
+    (with probability ``p_slip``) one with an arithmetic slip. Clean negatives at every step position,
+    next to the policy's own mostly-right samples."""
 
-    def __init__(self, tokenizer, seed: int, more_slips: float = 0.0) -> None:
-        self.tokenizer, self.more_slips = tokenizer, more_slips
+    def __init__(self, tokenizer, seed: int, p_slip: float = 0.6) -> None:
+        self.tokenizer, self.p_slip = tokenizer, p_slip
         self.cutter = StepCutter(tokenizer, MAX_STEP_TOKENS)
         self.rng = random.Random(seed)
         self.problems = problems("train", seed)
 
-    def reference(self) -> Sampled:
-        return self._labelled(next(self.problems), None)
-
-    def pair(self) -> tuple[Sampled, Sampled]:
+    def __next__(self) -> Sampled:
         p = next(self.problems)
-        return self._labelled(p, None), self._labelled(p, slipped_steps(p, self.rng, self.more_slips))
-
-    def _labelled(self, p: Problem, steps: list[str] | None) -> Sampled:
-        ids = [t for s in step_ids(self.tokenizer, steps or p.steps()) for t in s] + [self.tokenizer.eos_token_id]
+        steps = corrupted_steps(p, self.rng) if self.rng.random() < self.p_slip else p.steps()
+        ids = [t for s in step_ids(self.tokenizer, steps) for t in s] + [self.tokenizer.eos_token_id]
         return label(self.cutter, p, prompt_ids(self.tokenizer, p.text), ids)
 
 
 def deepened(model: Qwen2ForCausalLM, extra: int) -> Qwen2Model:
     """The model's backbone with ``extra`` more layers on top, each a copy of the last layer with its
     output projections zeroed: the new layers start as the identity, so the PRM starts from exactly
-    the teacher's features. The first one's attention starts as a previous-token head
-    (:func:`attend_to_previous_token`): judging a step starts with comparing each written token with
-    what the backbone predicted one position earlier; the layers above carry the verdict to the tag."""
+    the teacher's features, and they add the depth to compare a written digit with the predicted one
+    and carry the verdict to the step tag."""
     d = model.config.to_dict()
     d["num_hidden_layers"] += extra
     d.pop("layer_types", None)
@@ -311,35 +271,7 @@ def deepened(model: Qwen2ForCausalLM, extra: int) -> Qwen2Model:
                 zero = k.endswith(("o_proj.weight", "down_proj.weight"))
                 state[k.replace(f"layers.{last}.", f"layers.{j}.")] = torch.zeros_like(v) if zero else v.clone()
     backbone.load_state_dict(state)
-    if extra:
-        attend_to_previous_token(backbone.layers[last + 1].self_attn, backbone.rotary_emb.inv_freq)
     return backbone
-
-
-PREVIOUS_TOKEN_PAIRS = 5
-"""Rotary frequency pairs the previous-token head uses: the fastest ones (1 down to 0.1 rad per
-position at base 10,000) together single out offset 1 from every other offset up to 512."""
-PREVIOUS_TOKEN_SCORE = 40.0
-"""Product of the query and key amplitudes per pair: attention logit margins of ~5 at head size 32,
-so ~98 % of the weight sits on the previous position."""
-
-
-@torch.no_grad()
-def attend_to_previous_token(attn: torch.nn.Module, inv_freq: torch.Tensor) -> None:
-    """Make every head of a rotary attention layer attend to the position before the query: queries
-    and keys become constant vectors (projection weights zero, biases set), so their score depends on
-    the offset only, ``sum_k A cos(w_k (offset - 1))`` over the fastest frequency pairs -- largest at
-    offset 1. Training moves the weights from there."""
-    d = inv_freq.numel() * 2
-    pairs = torch.arange(min(PREVIOUS_TOKEN_PAIRS, d // 2))
-    w = inv_freq[pairs].float()
-    a = PREVIOUS_TOKEN_SCORE ** 0.5
-    q, k = torch.zeros(d), torch.zeros(d)
-    k[pairs] = a
-    q[pairs], q[pairs + d // 2] = a * torch.cos(w), -a * torch.sin(w)
-    for proj, vec in ((attn.q_proj, q), (attn.k_proj, k)):
-        proj.weight.zero_()
-        proj.bias.copy_(vec.repeat(proj.out_features // d))
 
 
 def _depth(name: str, top: int) -> int:
@@ -352,10 +284,10 @@ def _depth(name: str, top: int) -> int:
 
 def train_prm(teacher: Qwen2ForCausalLM, tokenizer, samples: list[Sampled], b: Budget, seed: int
               ) -> tuple[Qwen2Model, Head]:
-    """Fine-tune the deepened teacher backbone plus a fresh head as a judge of single steps, on the
-    layout the engine feeds it under ``min`` aggregation (a tag after every step, kept). Half of
-    each batch is the policy's own samples, half fresh minimal pairs. Losses: each step's local
-    label at its tag and the dense per-token label (:func:`token_labels`) at each generated token."""
+    """Fine-tune the deepened teacher backbone plus a fresh head on the engine's ``model`` layout
+    (the prefix plus one step tag). Half of each batch is the policy's own samples, half fresh
+    reference / slipped solutions. Losses: the step label at each tag and the dense per-token label
+    (:func:`token_labels`) at each generated token."""
     torch.manual_seed(seed)
     backbone = deepened(teacher, b.prm_extra_layers)
     backbone.train()
@@ -372,7 +304,7 @@ def train_prm(teacher: Qwen2ForCausalLM, tokenizer, samples: list[Sampled], b: B
     base = [g["lr"] for g in opt.param_groups]
     tag, pad = tag_id_of(tokenizer), tokenizer.pad_token_id
     rng = random.Random(seed)
-    fresh = SolutionStream(tokenizer, seed + 1, b.prm_more_slips)
+    fresh = SlipStream(tokenizer, seed + 1)
     order: list[int] = []
     half = b.prm_batch // 2
     t0, ema = time.perf_counter(), None
@@ -381,9 +313,9 @@ def train_prm(teacher: Qwen2ForCausalLM, tokenizer, samples: list[Sampled], b: B
             more = list(range(len(samples)))
             rng.shuffle(more)
             order += more
-        chunk = [samples[i] for i in order[:half]] + [s for _ in range((b.prm_batch - half) // 2) for s in fresh.pair()]
+        chunk = [samples[i] for i in order[:half]] + [next(fresh) for _ in range(b.prm_batch - half)]
         del order[:half]
-        batch = prm_batch(chunk, tag, pad)
+        batch = prm_batch(chunk, tag, pad, "model")
         hidden = prm_hidden(backbone, batch)
         steps = torch.tensor([y for lab in batch.labels for y in lab])
         dense = torch.tensor([int(y) for s in chunk for y in s.token_labels])
@@ -457,22 +389,6 @@ def _sampler(kind: str, policy, tokenizer, policy_dir: Path):
                                                          max_new_tokens=MAX_NEW_TOKENS, max_step_tokens=MAX_STEP_TOKENS)
 
 
-def distill_head(policy: Qwen2ForCausalLM, tokenizer, policy_dir: Path, prm_dir: Path, b: Budget, seed: int) -> dict:
-    """``pfengine distill`` on the freshly trained pair: PF with the separate PRM on training
-    problems, the value head fitted to the PRM's step scores, saved next to the label-trained head."""
-    from pfengine import Engine, EngineConfig
-
-    engine = Engine(EngineConfig(model=str(policy_dir), prm=str(prm_dir), num_blocks=16384, max_particles=2048))
-    reqs = distill.toy_requests(b.distill_problems, b.distill_particles, "last", SAMPLE_TEMPERATURE, seed, None, None)
-    t = time.perf_counter()
-    trajs = distill.collect(engine, reqs)
-    seconds_trace = time.perf_counter() - t
-    head, report = distill.distill(policy, tokenizer.pad_token_id, trajs, FitConfig(epochs=b.head_epochs, seed=seed),
-                                   log)
-    distill.save_head(head, policy_dir / DISTILLED_NAME)
-    return report | {"problems": b.distill_problems, "particles": b.distill_particles, "seconds_trace": seconds_trace}
-
-
 def run(out: Path, budget: str = "default", seed: int = 0, sampler: str = "engine") -> dict:
     b = BUDGETS[budget]
     hf_logging.disable_progress_bar()
@@ -509,9 +425,8 @@ def run(out: Path, budget: str = "default", seed: int = 0, sampler: str = "engin
     log(f"sampled {len(samples)} solutions for labels in {time.perf_counter() - t:.0f}s: {report['label_samples']}")
 
     t = time.perf_counter()
-    hidden = step_end_hidden(policy, samples, tokenizer.pad_token_id)
-    labels = torch.tensor([float(y) for s in samples for y in s.local])
-    head = fit_head(hidden, labels, FitConfig(epochs=b.head_epochs, seed=seed + 3), log)
+    hidden, labels = step_end_hidden(policy, samples, tokenizer.pad_token_id)
+    head = fit_head(hidden, labels.float(), FitConfig(epochs=b.head_epochs, seed=seed + 3), log)
     save_file(head.state(), str(policy_dir / "value_head.safetensors"))
     report["seconds"]["value_head"] = time.perf_counter() - t
 
@@ -525,10 +440,6 @@ def run(out: Path, budget: str = "default", seed: int = 0, sampler: str = "engin
     report["seconds"]["prm"] = time.perf_counter() - t
     report["tokenizer"] = check_tokenizer(policy_dir, tokenizer, samples)
 
-    t = time.perf_counter()
-    report["distill"] = distill_head(policy, tokenizer, policy_dir, prm_dir, b, seed + 8)
-    report["seconds"]["distill"] = time.perf_counter() - t
-
     # Held-out evaluation of what was saved (the engine loads it from disk).
     t = time.perf_counter()
     from pfengine.toy.prm_eval import evaluate
@@ -537,9 +448,7 @@ def run(out: Path, budget: str = "default", seed: int = 0, sampler: str = "engin
     sampled = draw(held, b.eval_k, SAMPLE_TEMPERATURE, seed + 6)
     report["heldout_policy"] = {"greedy": accuracy(greedy), f"T={SAMPLE_TEMPERATURE}": accuracy(sampled)}
     log(f"held-out policy: {report['heldout_policy']}")
-    report["heldout_prm"] = evaluate(policy_dir, prm_dir, samples=sampled,
-                                     heads={"value_head": policy_dir / "value_head.safetensors",
-                                            "distilled": policy_dir / DISTILLED_NAME})
+    report["heldout_prm"] = evaluate(policy_dir, prm_dir, samples=sampled)
     report["seconds"]["eval"] = time.perf_counter() - t
     report["seconds"]["total"] = time.perf_counter() - t_all
     report["bytes"] = {d.name: sum(f.stat().st_size for f in d.iterdir()) for d in (policy_dir, prm_dir)}
