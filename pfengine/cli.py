@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -570,7 +570,8 @@ def run_eval(args: argparse.Namespace, engine: Engine, problems: list[Problem]) 
     runner.prepare_out(out, eval_settings(args, engine, chat), args.fresh)
 
     def build(problem: Problem, run: Run, seed: int) -> Request:
-        return make_request(args, make_prompt(engine, args, problem.problem), seed, run.method, run.budget)
+        request = make_request(args, make_prompt(engine, args, problem.problem), seed, run.method, run.budget)
+        return replace(request, reference_answer=problem.answer)  # for PF's expected accuracy
 
     if args.trace_problems != TRACE_PROBLEMS and not args.trace_html:
         raise ValueError("--trace-problems: only with --trace-html DIR (it says how many problems to draw)")

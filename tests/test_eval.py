@@ -133,6 +133,20 @@ def test_summary_counts_each_batch_once_and_failures_as_wrong(tmp_path):
     assert json.loads(paths[1].read_text())[0]["accuracy"] == 0.5 and paths[2].stat().st_size > 0
 
 
+def test_pf_rows_carry_the_mean_expected_accuracy_next_to_the_argmax_accuracy(tmp_path):
+    pf = dict(method="particle_filter", budget=8, generated_tokens=10, batch="a", elapsed_s=1.0)
+    records = [pf | dict(correct=True, expected_accuracy=0.75), pf | dict(correct=False, expected_accuracy=0.25),
+               pf | dict(correct=False, error="OutOfBlocks: ..."),  # no estimate: counts as 0
+               dict(method="best_of_n", budget=8, generated_tokens=10, batch="b", elapsed_s=1.0, correct=True)]
+    rows = report.summarise(records, [("particle_filter", 8), ("best_of_n", 8)])
+    assert rows[0].expected == pytest.approx(1.0 / 3) and rows[1].expected is None
+    table = report.markdown(rows).splitlines()
+    assert "PF expected accuracy" in table[0]
+    assert table[2].startswith("| Particle filtering | 8 | 33.3% (1/3) |") and "| 33.3% |" in table[2]
+    assert table[3].startswith("| BoN | 8 | 100.0% (1/1) | 20.7–100.0% | |")
+    assert json.loads(report.write(rows, tmp_path, "t")[1].read_text())[0]["expected"] == pytest.approx(1.0 / 3)
+
+
 def test_without_matplotlib_the_summary_is_written_without_the_plot(tmp_path, monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -187,6 +201,28 @@ def test_eval_writes_one_line_per_run_resumes_and_guards_its_settings(tmp_path, 
     assert main(argv + ["--temperature", "0.3"]) == 2
     assert "holds results of other settings (sampling.temperature: 0.8 -> 0.3)" in capsys.readouterr().err
     assert main(argv + ["--temperature", "0.3", "--fresh"]) == 0 and len(lines(out)) == 9
+
+
+def test_eval_records_pf_expected_accuracy_against_the_reference(tmp_path, capsys, policy_dir, value_head_file):
+    """Oracle: the estimate recomputed from the particles' answers and weights of the same request."""
+    from pfengine import Engine, EngineConfig, Request, SamplingParams, SearchParams
+
+    problems = [Problem(f"Step {k}: add {k} and 25.", str(k + 25), f"p{k}") for k in range(2)]
+    data = write_problems(problems, tmp_path / "toy.jsonl")
+    out = tmp_path / "out"
+    assert main(["eval", str(data), "--model", policy_dir, "--prm", value_head_file, "--method",
+                 "particle_filter,best_of_n", "--budgets", "4", "--no-chat", "--out", str(out), *TINY]) == 0
+    engine = Engine(EngineConfig(model=policy_dir, prm=value_head_file, num_blocks=256, block_size=8))
+    for r in lines(out):
+        if r["method"] != "particle_filter":
+            assert "expected_accuracy" not in r
+            continue
+        result = engine.generate([Request(prompt=problems[r["index"]].problem, sampling=SamplingParams(
+            seed=r["seed"], max_steps=2, max_step_tokens=4), search=SearchParams(n_particles=4))])[0]
+        want = sum(p.weight for p in result.particles if p.answer == r["reference"]) / sum(
+            p.weight for p in result.particles)
+        assert r["expected_accuracy"] == pytest.approx(want)
+    assert "PF expected accuracy" in capsys.readouterr().out
 
 
 def test_eval_records_a_failed_request_and_retries_it(tmp_path, capsys, policy_dir):

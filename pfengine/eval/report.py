@@ -1,5 +1,6 @@
 """An evaluation's summary: accuracy per (method, budget) with Wilson 95 % intervals, generated
-tokens per second and wall time, as Markdown, JSON and an accuracy-vs-budget plot."""
+tokens per second and wall time, and for particle filtering the paper's expected-accuracy estimate
+next to its argmax accuracy, as Markdown, JSON and an accuracy-vs-budget plot."""
 from __future__ import annotations
 
 import importlib.util
@@ -27,6 +28,9 @@ class Row:
     seconds: float
     errors: int = 0
     """Requests that failed (counted as wrong); their messages are in the JSON lines."""
+    expected: float | None = None
+    """PF only: the mean over problems of sum_i w_i [answer_i right] (answers compared as pfengine
+    canonicalises them, not by math-verify), the accuracy a draw by weight would have."""
 
     @property
     def accuracy(self) -> float:
@@ -57,9 +61,10 @@ def summarise(records: list[dict], runs: list[tuple[str, int]]) -> list[Row]:
         batches: dict[str, float] = defaultdict(float)
         for r in mine:
             batches[r["batch"]] = max(batches[r["batch"]], r["elapsed_s"])
+        estimates = [r["expected_accuracy"] for r in mine if "expected_accuracy" in r]
         rows.append(Row(method, budget, correct, len(mine), *wilson(correct, len(mine)),
                         sum(r["generated_tokens"] for r in mine), sum(batches.values()),
-                        sum("error" in r for r in mine)))
+                        sum("error" in r for r in mine), sum(estimates) / len(mine) if estimates else None))
     return rows
 
 
@@ -69,18 +74,21 @@ def label(method: str) -> str:
 
 def markdown(rows: list[Row]) -> str:
     errors = any(r.errors for r in rows)
-    lines = ["| method | budget | accuracy | 95% CI | tokens/s | wall (s) |" + (" errors |" if errors else ""),
-             "|---|---:|---:|---|---:|---:|" + ("---:|" if errors else "")]
+    expected = any(r.expected is not None for r in rows)
+    lines = ["| method | budget | accuracy | 95% CI |" + (" PF expected accuracy |" if expected else "")
+             + " tokens/s | wall (s) |" + (" errors |" if errors else ""),
+             "|---|---:|---:|---|" + ("---:|" if expected else "") + "---:|---:|" + ("---:|" if errors else "")]
     for r in rows:
+        estimate = f" {100 * r.expected:.1f}% |" if r.expected is not None else " |"
         lines.append(f"| {label(r.method)} | {r.budget} | {100 * r.accuracy:.1f}% ({r.correct}/{r.total}) | "
-                     f"{100 * r.low:.1f}–{100 * r.high:.1f}% | {r.tokens_per_second:.0f} | {r.seconds:.1f} |"
-                     + (f" {r.errors} |" if errors else ""))
+                     f"{100 * r.low:.1f}–{100 * r.high:.1f}% |" + (estimate if expected else "")
+                     + f" {r.tokens_per_second:.0f} | {r.seconds:.1f} |" + (f" {r.errors} |" if errors else ""))
     return "\n".join(lines)
 
 
 def plot(rows: list[Row], path: Path, title: str) -> None:
     """Accuracy against budget on a log-2 axis, one line per method with its intervals; greedy
-    (budget 1 by definition) as a dashed line."""
+    (budget 1 by definition) as a dashed line; PF's expected accuracy dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,6 +106,10 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
         err = [[100 * max(r.accuracy - r.low, 0.0) for r in mine], [100 * max(r.high - r.accuracy, 0.0) for r in mine]]
         ax.errorbar([r.budget for r in mine], [100 * r.accuracy for r in mine], yerr=err, marker="o", capsize=3,
                     label=label(method))
+        estimated = [r for r in mine if r.expected is not None]
+        if estimated:
+            ax.plot([r.budget for r in estimated], [100 * r.expected for r in estimated], linestyle=":", marker="x",
+                    color="black", label=f"{label(method)}: expected accuracy")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("budget (particles / samples / beams)")
     ax.set_ylabel("accuracy (%)")

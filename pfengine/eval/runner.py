@@ -153,6 +153,8 @@ def _record(problem: Problem, index: int, run: Run, seed: int, batch: str, elaps
         return record | {"correct": False, "error": f"{type(error).__name__}: {error}", "generated_tokens": 0,
                          "batch": batch, "elapsed_s": elapsed}
     g = grade(problem.answer, result.text)
+    if result.expected_accuracy is not None and run.method == "particle_filter":
+        record["expected_accuracy"] = result.expected_accuracy
     return record | {"correct": g.correct, "graded_answer": g.extracted, "answer": result.answer,
                      "finish_reason": result.particles[result.best].finish_reason,
                      "prompt_tokens": result.stats.prompt_tokens, "generated_tokens": result.stats.generated_tokens,
