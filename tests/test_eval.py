@@ -272,3 +272,27 @@ def test_eval_draws_the_genealogy_of_its_first_problems_with_their_grade(tmp_pat
             verdicts.append(re.search(r'<p class="(ok|bad)" id="pf-verdict">', page.read_text()).group(1))
             assert verdicts[-1] == ("ok" if r["correct"] else "bad")
     assert len(verdicts) == 10 and "ok" in verdicts
+
+
+def test_pareto_puts_each_runs_rows_at_their_seconds_per_problem(tmp_path, capsys):
+    from pfengine.eval import pareto
+
+    def summary(name: str, seconds: list[float]) -> Path:
+        rows = [report.Row("particle_filter", b, b, 10, *report.wilson(b, 10), 100, s)
+                for b, s in zip((1, 4), seconds)] + [report.Row("best_of_n", 4, 1, 10, 0.0, 0.5, 100, 9.0)]
+        report.write(rows, tmp_path / name, name)
+        return tmp_path / name
+
+    prm, head = summary("prm", [2.0, 8.0]), summary("head", [1.0, 3.0])
+    assert pareto.main([f"separate PRM={prm}", f"head={head}", "--out", str(tmp_path / "p")]) == 0
+    table = (tmp_path / "p" / "pareto.md").read_text().splitlines()
+    assert table[2:] == ["| separate PRM | 1 | 10.0% (1/10) | 1.8–40.4% | 0.2000 |",
+                         "| separate PRM | 4 | 40.0% (4/10) | 16.8–68.7% | 0.8000 |",
+                         "| head | 1 | 10.0% (1/10) | 1.8–40.4% | 0.1000 |",
+                         "| head | 4 | 40.0% (4/10) | 16.8–68.7% | 0.3000 |"]
+    assert (tmp_path / "p" / "pareto.png").stat().st_size > 0
+    capsys.readouterr()
+    assert pareto.main([f"x={tmp_path / 'nowhere'}", "--out", str(tmp_path / "p")]) == 2
+    assert "no summary.json there" in capsys.readouterr().err
+    assert pareto.main([f"x={prm}", "--method", "dvts", "--out", str(tmp_path / "p")]) == 2
+    assert "summary.json has no dvts rows" in capsys.readouterr().err
