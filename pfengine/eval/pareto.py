@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pfengine.eval.report import Row
+from pfengine.eval.report import Row, errorbars, save_log2_plot
 
 
 @dataclass
@@ -58,22 +58,11 @@ def plot(points: list[Point], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in dict.fromkeys(p.label for p in points):
         mine = [p for p in points if p.label == label]
-        err = [[100 * max(p.row.accuracy - p.row.low, 0.0) for p in mine],
-               [100 * max(p.row.high - p.row.accuracy, 0.0) for p in mine]]
-        ax.errorbar([p.seconds_per_problem for p in mine], [100 * p.row.accuracy for p in mine], yerr=err,
-                    marker="o", capsize=3, label=label)
+        errorbars(ax, [p.seconds_per_problem for p in mine], [p.row for p in mine], label)
         for p in mine:
             ax.annotate(str(p.row.budget), (p.seconds_per_problem, 100 * p.row.accuracy), textcoords="offset points",
                         xytext=(4, -10), fontsize=7)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("wall-clock seconds per problem (batched)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_log2_plot(fig, ax, path, "wall-clock seconds per problem (batched)", title)
 
 
 def _labelled_dir(text: str) -> tuple[str, Path]:

@@ -103,15 +103,26 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
         if method == "greedy":
             ax.axhline(100 * mine[0].accuracy, color="grey", linestyle="--", label=label(method))
             continue
-        err = [[100 * max(r.accuracy - r.low, 0.0) for r in mine], [100 * max(r.high - r.accuracy, 0.0) for r in mine]]
-        ax.errorbar([r.budget for r in mine], [100 * r.accuracy for r in mine], yerr=err, marker="o", capsize=3,
-                    label=label(method))
+        errorbars(ax, [r.budget for r in mine], mine, label(method))
         estimated = [r for r in mine if r.expected is not None]
         if estimated:
             ax.plot([r.budget for r in estimated], [100 * r.expected for r in estimated], linestyle=":", marker="x",
                     color="black", label=f"{label(method)}: expected accuracy")
+    save_log2_plot(fig, ax, path, "budget (particles / samples / beams)", title)
+
+
+def errorbars(ax, xs: list[float], rows: list[Row], name: str) -> None:
+    """Accuracy (%) at ``xs`` with each row's Wilson interval."""
+    err = [[100 * max(r.accuracy - r.low, 0.0) for r in rows], [100 * max(r.high - r.accuracy, 0.0) for r in rows]]
+    ax.errorbar(xs, [100 * r.accuracy for r in rows], yerr=err, marker="o", capsize=3, label=name)
+
+
+def save_log2_plot(fig, ax, path: Path, xlabel: str, title: str) -> None:
+    """Label an accuracy plot with a log-2 x axis, save it and close it."""
+    import matplotlib.pyplot as plt
+
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("budget (particles / samples / beams)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.legend(fontsize=8)
