@@ -550,7 +550,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     path = demo.export(problems, Path(eval_args.data))
     print(f"Every method on {len(problems)} held-out problems: pfengine {shlex.join(argv)}\n")
-    return run_eval(eval_args, engine, read_problems(path))
+    code = run_eval(eval_args, engine, read_problems(path))
+    print(f"\nBudgets 1-64 on 500 held-out problems, and PF with a value head distilled from the PRM "
+          f"(pfengine distill): {demo.SCALING_RESULTS} and the README")
+    return code
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -3,10 +3,12 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from pfengine import Engine, EngineConfig, Request, SamplingParams, SearchParams
 from pfengine.cli import main
-from pfengine.distill import FitConfig, fit_head, trajectories
+from pfengine.distill import FitConfig, Head, fit_head, hidden_at, trajectories
 
 
 def pf(policy_dir, prm_dir, n: int = 6, seed: int = 3, aggregation: str = "last"):
@@ -49,15 +51,27 @@ def test_distill_command_writes_a_head_the_engine_runs(policy_dir, prm_dir, tmp_
     data = tmp_path / "prompts.jsonl"
     data.write_text("\n".join(json.dumps({"problem": p, "answer": "1"}) for p in ["One", "Two two", "Three"]) + "\n")
     out = tmp_path / "head.safetensors"
-    assert main(["distill", str(data), "--model", policy_dir, "--prm", prm_dir, "--particles", "4", "--no-chat",
-                 "--aggregation", "last", "--max-steps", "3", "--max-step-tokens", "4", "--epochs", "2",
-                 "--out", str(out), "--json", "--no-progress"]) == 0
+    argv = ["distill", str(data), "--model", policy_dir, "--prm", prm_dir, "--particles", "4", "--no-chat",
+            "--aggregation", "last", "--max-steps", "3", "--max-step-tokens", "4", "--epochs", "2",
+            "--out", str(out), "--json", "--no-progress"]
+    assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["prompts"] == 3 and report["states"] > 3
-    engine = Engine(EngineConfig(model=policy_dir, prm=str(out), num_blocks=256))
-    result = engine.generate([Request(prompt="Hello", sampling=SamplingParams(seed=0, max_steps=2, max_step_tokens=4),
-                                      search=SearchParams(n_particles=3, aggregation="min"))])[0]
-    assert all(0.0 <= p.score <= 1.0 for p in result.particles)
+    again = tmp_path / "again.safetensors"
+    assert main(argv[:-4] + ["--out", str(again), "--json", "--no-progress"]) == 0
+    assert again.read_bytes() == out.read_bytes()  # same seed, same bytes
+    # Oracle: the written head on transformers' hidden states scores every state PF scored with it.
+    engine, result = pf(policy_dir, str(out))
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+    head = Head(policy.config.hidden_size)
+    head.score.load_state_dict({k[len("score."):]: v for k, v in load_file(str(out)).items()})
+    prompt = engine.tokenizer.encode("Once upon a time")
+    states = [(toks, score) for tr in result.trace for toks, score, on in zip(tr.tokens, tr.scores, tr.scored) if on]
+    hidden = hidden_at(policy, [prompt + t for t, _ in states], [[len(prompt) + len(t) - 1] for t, _ in states],
+                       engine.tokenizer.pad_token_id or 0)
+    with torch.no_grad():
+        want = torch.sigmoid(head.logit(hidden))
+    assert torch.allclose(torch.tensor([score for _, score in states]), want, atol=1e-4)
 
 
 GOOD = json.dumps({"problem": "a", "answer": "1"})
