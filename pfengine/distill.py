@@ -84,7 +84,8 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
 def fit_head(hidden: torch.Tensor, target: torch.Tensor, cfg: FitConfig,
              log: Callable[[str], None] = lambda msg: None) -> Head:
     """A head on fixed hidden states ``[M, H]`` fitted to probabilities ``target [M]`` (0/1 labels or
-    a PRM's soft scores) by binary cross-entropy on ``logit = l1 - l0``."""
+    a PRM's soft scores) by cross-entropy against ``(1 - target, target)``. On 0/1 labels this is the
+    value head's training as it always was, to the bit (the bundled head reproduces)."""
     assert hidden.dim() == 2 and target.shape == (hidden.shape[0],), (hidden.shape, target.shape)
     torch.manual_seed(cfg.seed)
     head = Head(hidden.shape[1])
@@ -98,7 +99,7 @@ def fit_head(hidden: torch.Tensor, target: torch.Tensor, cfg: FitConfig,
         tot = 0.0
         for a in range(0, n, cfg.batch_size):
             idx = perm[a:a + cfg.batch_size]
-            loss = F.binary_cross_entropy_with_logits(head.logit(hidden[idx]), target[idx].float())
+            loss = F.cross_entropy(head(hidden[idx]), torch.stack([1 - target[idx], target[idx]], -1).float())
             for grp in opt.param_groups:
                 grp["lr"] = cosine_lr(step, total, cfg.lr, min(50, total // 10 + 1))
             opt.zero_grad(set_to_none=True)
