@@ -15,7 +15,7 @@ from pfengine.kernels.paged_attention import ExtendPlan, paged_decode_attention,
 from pfengine.kernels.prm_score import PRMHead
 from pfengine.model.checkpoint import ModelConfig, load_checkpoint
 from pfengine.model.rope import apply_rope, rope_table
-from pfengine.model.shard import Shard, shard_tensors
+from pfengine.model.shard import Shard
 
 log = logging.getLogger("pfengine")
 
@@ -71,15 +71,16 @@ class PagedDecoder:
     Granite's multipliers are folded into the weights at load (the embedding table, the layers'
     output projections, the LM head), so they cost nothing per token; neither do absent options.
 
-    With a ``shard`` of a tensor-parallel group it holds that rank's part (:mod:`pfengine.model.shard`):
-    its heads, its slice of the MLP and of the vocabulary; a PRM head only on rank 0, which reads it."""
+    With a ``shard`` of a tensor-parallel group, ``tensors`` are that rank's part
+    (:mod:`pfengine.model.shard`): its heads, its slice of the MLP and of the vocabulary; a PRM head
+    is kept on rank 0 only, which reads it."""
 
     def __init__(self, cfg: ModelConfig, tensors: dict[str, torch.Tensor], num_blocks: int, block_size: int,
                  kv_dtype: torch.dtype, max_len: int, device: str | torch.device = "cpu",
                  shard: Shard = Shard()) -> None:
         self.cfg, self.shard = cfg, shard
         self.heads, self.kv_heads = cfg.num_heads // shard.size, cfg.num_kv_heads // shard.size
-        t = {k: v.to(device) for k, v in shard_tensors(cfg, tensors, shard).items()}
+        t = {k: v.to(device) for k, v in tensors.items()}
         embed = t["model.embed_tokens.weight"]
         self.embed = _scaled(embed, cfg.embedding_multiplier)
         self.vocab_start = shard.rank * embed.shape[0]
@@ -204,7 +205,7 @@ def load_decoder(path: str | Path, num_blocks: int, block_size: int, kv_dtype: t
                  max_len: int | None = None, device: str | torch.device = "cpu", shard: Shard = Shard()) -> PagedDecoder:
     """Load a checkpoint directory (``shard``'s part of it); compute in fp32 (bf16 GEMMs are ~400x
     slower on CPU)."""
-    cfg, tensors = load_checkpoint(path)
+    cfg, tensors = load_checkpoint(path, shard.take if shard.size > 1 else None)
     if cfg.context_limit and shard.rank == 0:
         log.warning("%s: positions limited to %d by %s", path, cfg.max_position_embeddings, cfg.context_limit)
     return PagedDecoder(cfg, tensors, num_blocks, block_size, kv_dtype,

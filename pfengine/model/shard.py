@@ -5,9 +5,10 @@ matching o_proj columns and KV-cache heads), rows ``[r*I/k, (r+1)*I/k)`` of gate
 down_proj columns, and vocabulary rows ``[r*V'/k, (r+1)*V'/k)`` of the embedding and the LM head,
 where ``V'`` is the vocabulary padded with zero rows to a multiple of ``k``. Everything else (norms,
 Qwen3's per-head q/k norms, o_proj / down_proj biases, a PRM head) is whole on every rank that needs
-it. One all-reduce per attention and one per MLP make the hidden state whole again, so every rank
-computes the same residual stream; the embedding adds one all-reduce per forward and the LM head
-gathers its logit columns on rank 0.
+it. Each rank reads only its part of the checkpoint (:meth:`Shard.take` on safetensors slices). One
+all-reduce per attention and one per MLP make the hidden state whole again, so every rank computes
+the same residual stream; the embedding adds one all-reduce per forward and the LM head gathers its
+logit columns on rank 0.
 """
 from __future__ import annotations
 
@@ -40,6 +41,35 @@ class Shard:
             dist.all_reduce(x, group=self.group)
         return x
 
+    def take(self, cfg: ModelConfig, name: str, t) -> torch.Tensor:
+        """This rank's part of checkpoint tensor ``name`` (whole shape as ``cfg`` implies). ``t`` is a
+        tensor or a safetensors slice, from which only the part is read."""
+        kind = name.rsplit(".", 2)[-2]
+        q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+        if kind in ("embed_tokens", "lm_head"):
+            return self._vocab_rows(t, cfg.vocab_size, cdiv(cfg.vocab_size, self.size))
+        if kind == "qkv_proj":
+            return torch.cat([self._rows(t, start, n) for start, n in ((0, q), (q, kv), (q + kv, kv))])
+        if kind == "gate_up_proj":
+            return torch.cat([self._rows(t, start, inter) for start in (0, inter)])
+        if kind in COLUMN_PARALLEL:
+            return self._rows(t, 0, {"q_proj": q, "k_proj": kv, "v_proj": kv}.get(kind, inter))
+        if kind in ROW_PARALLEL and name.endswith(".weight"):
+            step = (q if kind == "o_proj" else inter) // self.size
+            return t[:, self.rank * step:(self.rank + 1) * step]
+        return t[:]
+
+    def _rows(self, t, start: int, n: int) -> torch.Tensor:
+        """This rank's ``1/size`` of rows ``[start, start + n)``."""
+        step = n // self.size
+        return t[start + self.rank * step:start + (self.rank + 1) * step]
+
+    def _vocab_rows(self, t, vocab: int, rows: int) -> torch.Tensor:
+        """This rank's ``rows`` vocabulary rows; those past the vocabulary are zeros."""
+        lo = min(self.rank * rows, vocab)
+        part = t[lo:min(lo + rows, vocab)]
+        return torch.cat([part, part.new_zeros(rows - part.shape[0], *part.shape[1:])])
+
     def gather_columns(self, x: torch.Tensor) -> torch.Tensor | None:
         """Every rank's ``x`` side by side on rank 0 (``[n, k * cols]``); None on the other ranks."""
         if self.size == 1:
@@ -61,39 +91,3 @@ def refusal(cfg: ModelConfig, size: int) -> str | None:
     ok = [d for d in range(1, common + 1) if common % d == 0]
     return (f"{size} does not divide the model's {', '.join(bad)} (attention heads {cfg.num_heads}, KV heads "
             f"{cfg.num_kv_heads}, intermediate size {cfg.intermediate_size}); sizes that work: {ok}")
-
-
-def padded_vocab(cfg: ModelConfig, size: int) -> int:
-    return cdiv(cfg.vocab_size, size) * size
-
-
-def shard_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], shard: Shard) -> dict[str, torch.Tensor]:
-    """``tensors`` (Hugging Face names, the whole model) cut down to ``shard``'s part, same names."""
-    if shard.size == 1:
-        return tensors
-    assert refusal(cfg, shard.size) is None, refusal(cfg, shard.size)
-    out = {}
-    for name, t in tensors.items():
-        kind = name.rsplit(".", 2)[-2]
-        if kind in ("embed_tokens", "lm_head"):
-            out[name] = _slice(_pad_rows(t, padded_vocab(cfg, shard.size)), 0, shard)
-        elif kind == "qkv_proj":
-            q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-            out[name] = torch.cat([_slice(part, 0, shard) for part in t.split([q, kv, kv])])
-        elif kind == "gate_up_proj":
-            out[name] = torch.cat([_slice(part, 0, shard) for part in t.chunk(2)])
-        elif kind in COLUMN_PARALLEL:
-            out[name] = _slice(t, 0, shard)
-        elif kind in ROW_PARALLEL and name.endswith(".weight"):
-            out[name] = _slice(t, 1, shard)
-        else:
-            out[name] = t
-    return out
-
-
-def _slice(t: torch.Tensor, dim: int, shard: Shard) -> torch.Tensor:
-    return t.chunk(shard.size, dim)[shard.rank].contiguous()
-
-
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]) if rows > t.shape[0] else t
