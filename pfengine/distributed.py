@@ -189,8 +189,13 @@ def connect(size: int, device: str) -> Group:
     are torchrun's processes, and on ranks above 0 this call serves as a worker and then exits the
     process; otherwise ``size - 1`` worker processes are spawned here (``if __name__ ==
     "__main__":`` guards a script's engine, as with any spawned process)."""
+    if dist.is_initialized():
+        raise RuntimeError("tensor_parallel_size > 1: this process already has a torch.distributed default group "
+                           "(another tensor-parallel engine not yet closed, or one made by the caller); pfengine "
+                           "makes its own, so close the other engine (Engine.close()) first")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return _join_torchrun(size, device)
+    device = _rank_device(device, 0)
     store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, timeout=RENDEZVOUS_TIMEOUT, wait_for_workers=False)
     context = mp.get_context("spawn")
     workers = [context.Process(target=_spawned_worker, name=f"pfengine-tp-rank{rank}", daemon=True,
@@ -249,7 +254,7 @@ def _join(rank: int, size: int, device: str, store: dist.Store | None) -> tuple[
 
 
 def _rank_device(device: str, local_rank: int) -> str:
-    """CUDA ranks use one GPU each (by local rank); CPU ranks share the CPU."""
+    """CUDA ranks use one GPU each, ``cuda:<local rank>``; CPU ranks share the CPU."""
     return f"cuda:{local_rank}" if torch.device(device).type == "cuda" else device
 
 

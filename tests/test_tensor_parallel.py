@@ -143,6 +143,8 @@ def test_a_pf_request_on_two_ranks_is_the_same_request(prm, one_thread):
 def test_close_stops_the_workers_and_a_dead_worker_is_an_error(one_thread):
     engine = Engine(EngineConfig(model=str(POLICY), num_blocks=64, max_particles=8, tensor_parallel_size=2))
     (worker,) = engine.group.workers
+    with pytest.raises(RuntimeError, match=r"another tensor-parallel engine not yet closed"):
+        Engine(EngineConfig(model=str(POLICY), num_blocks=64, max_particles=8, tensor_parallel_size=2))
     engine.close()
     assert worker.exitcode == 0 and not dist.is_initialized()
     with pytest.raises(RuntimeError, match="closed"):
