@@ -24,9 +24,9 @@ from pfengine.cache.block_manager import BlockManager
 from pfengine.caches import Caches
 from pfengine.config import AGGREGATIONS, EngineConfig, InvalidArgument, Request, require
 from pfengine.delimiter import DelimiterMatcher
+from pfengine.distributed import DecoderSpec, Group, connect
 from pfengine.kernels import cdiv
 from pfengine.kernels.prm_score import initial_running, running_to_prob, weigh
-from pfengine.distributed import DecoderSpec, Group, connect
 from pfengine.model.checkpoint import PRM_ARCHITECTURES, CheckpointError, ModelConfig, read_config
 from pfengine.model.shard import Shard, refusal
 from pfengine.model.tokenizer import check_same_tokenizer, eos_ids, load_tokenizer
