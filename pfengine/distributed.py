@@ -22,6 +22,7 @@ import os
 import threading
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,7 @@ from pfengine.model.decoder import ForwardBatch, PagedDecoder, load_decoder
 from pfengine.model.shard import Shard
 
 log = logging.getLogger("pfengine")
+T = TypeVar("T")
 
 RENDEZVOUS_TIMEOUT = timedelta(minutes=2)
 """How long the ranks wait for each other to start."""
@@ -99,7 +101,16 @@ class Group:
         if dead:
             self.broken = RuntimeError(f"tensor-parallel worker {', '.join(dead)} exited")
             raise self.broken
-        dist.broadcast_object_list([command], src=0, group=self.control)
+        self.run(lambda: dist.broadcast_object_list([command], src=0, group=self.control))
+
+    def run(self, work: Callable[[], T]) -> T:
+        """``work()``; if it raises, the ranks may be out of step (a rank died, or this one stopped
+        between a command and its collectives), so the group refuses all further work."""
+        try:
+            return work()
+        except BaseException as error:
+            self.broken = error
+            raise
 
     def close(self) -> None:
         """Stop the workers (terminating any that do not exit in time) and leave the group."""
@@ -150,14 +161,10 @@ class DrivenDecoder:
             self.local.copy_blocks(pairs)
             self.copies.append(pairs.cpu())
 
-    def _run(self, op: str, args: tuple, here):
+    def _run(self, op: str, args: tuple, here: Callable[[], T]) -> T:
         self.group.send(Command(op, self.index, args, tuple(self.copies)))
         self.copies.clear()
-        try:
-            return here()
-        except BaseException as error:  # the workers went on into collectives this rank never joins
-            self.group.broken = error
-            raise
+        return self.group.run(here)
 
 
 def serve(shard: Shard, control: dist.ProcessGroup, device: str) -> None:

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -160,6 +161,24 @@ def test_close_stops_the_workers_and_a_dead_worker_is_an_error(one_thread):
         engine.generate([GREEDY])
     engine.close()
     assert not dist.is_initialized()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_fails_the_run_without_hanging(one_thread):
+    engine = Engine(EngineConfig(model=str(POLICY), prm=str(PRM), num_blocks=1024, max_particles=128,
+                                 tensor_parallel_size=2))
+    (worker,) = engine.group.workers
+    long_run = [pf_request(p, n_particles=16, seed=k, temperature=1.5) for k, p in enumerate(heldout_set(8))]
+    killer = threading.Timer(0.5, os.kill, (worker.pid, signal.SIGKILL))
+    killer.start()
+    start = time.monotonic()
+    with pytest.raises(RuntimeError):
+        engine.generate(long_run)
+    assert time.monotonic() - start < 30
+    with pytest.raises(RuntimeError, match="out of step"):
+        engine.generate([GREEDY])
+    engine.close()
+    assert worker.exitcode == -signal.SIGKILL and not dist.is_initialized()
 
 
 DRIVER = """
