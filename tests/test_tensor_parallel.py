@@ -2,6 +2,7 @@
 whole model in one process, on checkpoints saved to disk and loaded through the normal loader."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch.distributed as dist
 
 from pfengine import Engine, EngineConfig, Request, SearchParams
 from pfengine.cache.block_manager import BlockManager
+from pfengine.cli import main
 from pfengine.config import InvalidArgument
 from pfengine.distributed import DecoderSpec, connect
 from pfengine.model.shard import Shard
@@ -49,7 +51,7 @@ def wait_until(condition, seconds: float) -> bool:
     return condition()
 
 
-def test_a_size_that_does_not_divide_the_model_is_refused(checkpoint_dir):
+def test_a_size_that_does_not_divide_the_model_is_refused(checkpoint_dir, capsys):
     with pytest.raises(InvalidArgument, match=r"tensor_parallel_size: .*3 does not divide the model's "
                                               r"num_attention_heads=4, num_key_value_heads=2, intermediate_size=512 "
                                               r".*sizes that work: \[1, 2\]"):
@@ -59,6 +61,8 @@ def test_a_size_that_does_not_divide_the_model_is_refused(checkpoint_dir):
     for bad in (0, -2, 1.5, True, "2"):
         with pytest.raises(InvalidArgument, match="tensor_parallel_size: "):
             EngineConfig(model=str(POLICY), tensor_parallel_size=bad)
+    assert main(["generate", "--prompt", "1 + 1", "--tensor-parallel-size", "3"]) == 2
+    assert re.search(r"error: --tensor-parallel-size: \S+/policy: 3 does not divide", capsys.readouterr().err)
     assert not dist.is_initialized()
 
 
