@@ -125,6 +125,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="cache rows: the most particles of all requests alive at once (default 1024)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="cap on prompt + generated tokens (default: the model's max_position_embeddings)")
+    g.add_argument("--tensor-parallel-size", type=int, default=_default(EngineConfig, "tensor_parallel_size"),
+                   help="split each model across this many processes (spawned here, or the ranks of "
+                        "torchrun --nproc-per-node with the same number; default 1)")
     lim = p.add_argument_group("per-request limits (a request over one is refused, naming the limit)")
     lim.add_argument("--max-request-particles", type=int, default=_default(EngineConfig, "max_request_particles"),
                      help="largest budget (particles, all particle Gibbs sweeps together) one request may ask "
@@ -446,7 +449,8 @@ def make_engine(args: argparse.Namespace) -> Engine:
     limits = {name: getattr(args, name) for name in LIMITS}
     return Engine(EngineConfig(model=model, prm=prm, num_blocks=args.num_blocks, block_size=args.block_size,
                                kv_dtype=args.kv_dtype, max_particles=args.max_particles,
-                               max_model_len=args.max_model_len, **limits))
+                               max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
+                               **limits))
 
 
 def default_checkpoint() -> tuple[str, str]:
