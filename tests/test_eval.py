@@ -147,6 +147,17 @@ def test_pf_rows_carry_the_mean_expected_accuracy_next_to_the_argmax_accuracy(tm
     assert json.loads(report.write(rows, tmp_path, "t")[1].read_text())[0]["expected"] == pytest.approx(1.0 / 3)
 
 
+def test_cpu_time_is_summed_over_batches_and_only_where_every_record_has_it():
+    rec = dict(method="best_of_n", budget=4, generated_tokens=1, correct=True)
+    timed = [rec | dict(batch="a", elapsed_s=2.0, cpu_s=1.0), rec | dict(batch="a", elapsed_s=3.0, cpu_s=2.5),
+             rec | dict(batch="b", elapsed_s=1.0, cpu_s=0.5)]
+    (row,) = report.summarise(timed, [("best_of_n", 4)])
+    assert row.cpu_seconds == pytest.approx(3.0)
+    assert report.markdown([row]).splitlines()[0].endswith("| wall (s) | CPU (s) |")
+    (old,) = report.summarise(timed + [rec | dict(batch="c", elapsed_s=1.0)], [("best_of_n", 4)])
+    assert old.cpu_seconds is None and "CPU" not in report.markdown([old])
+
+
 def test_without_matplotlib_the_summary_is_written_without_the_plot(tmp_path, monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -187,6 +198,7 @@ def test_eval_writes_one_line_per_run_resumes_and_guards_its_settings(tmp_path, 
     for (method, budget) in (("greedy", 1), ("best_of_n", 1), ("best_of_n", 2)):  # one engine batch per run
         assert len({r["batch"] for r in first if (r["method"], r["budget"]) == (method, budget)}) == 1
     assert all(r["seed"] == int(r["unique_id"][1:]) and r["finish_reason"] for r in first)  # seed + k
+    assert all(0 < r["cpu_s"] for r in first)
     assert "| Greedy | 1 |" in capsys.readouterr().out and (out / "accuracy_vs_budget.png").is_file()
 
     assert main(argv) == 0 and lines(out) == first  # nothing left to run
@@ -278,7 +290,7 @@ def test_pareto_puts_each_runs_rows_at_their_seconds_per_problem(tmp_path, capsy
     from pfengine.eval import pareto
 
     def summary(name: str, seconds: list[float]) -> Path:
-        rows = [report.Row("particle_filter", b, b, 10, *report.wilson(b, 10), 100, s)
+        rows = [report.Row("particle_filter", b, b, 10, *report.wilson(b, 10), 100, s, cpu_seconds=s / 2)
                 for b, s in zip((1, 4), seconds)] + [report.Row("best_of_n", 4, 1, 10, 0.0, 0.5, 100, 9.0)]
         report.write(rows, tmp_path / name, name)
         return tmp_path / name
@@ -291,8 +303,17 @@ def test_pareto_puts_each_runs_rows_at_their_seconds_per_problem(tmp_path, capsy
                          "| head | 1 | 10.0% (1/10) | 1.8–40.4% | 0.1000 |",
                          "| head | 4 | 40.0% (4/10) | 16.8–68.7% | 0.3000 |"]
     assert (tmp_path / "p" / "pareto.png").stat().st_size > 0
+    assert pareto.main([f"head={head}", "--cost", "cpu", "--out", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "pareto.md").read_text().splitlines()[2:] == [
+        "| head | 1 | 10.0% (1/10) | 1.8–40.4% | 0.0500 |", "| head | 4 | 40.0% (4/10) | 16.8–68.7% | 0.1500 |"]
     capsys.readouterr()
     assert pareto.main([f"x={tmp_path / 'nowhere'}", "--out", str(tmp_path / "p")]) == 2
     assert "no summary.json there" in capsys.readouterr().err
     assert pareto.main([f"x={prm}", "--method", "dvts", "--out", str(tmp_path / "p")]) == 2
     assert "summary.json has no dvts rows" in capsys.readouterr().err
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "summary.json").write_text(json.dumps([{"method": "particle_filter", "budget": 4, "correct": 1,
+                                                               "total": 2, "low": 0.1, "high": 0.9, "tokens": 9,
+                                                               "seconds": 1.0}]))
+    assert pareto.main([f"x={tmp_path / 'old'}", "--cost", "cpu", "--out", str(tmp_path / "p")]) == 2
+    assert "its results have no CPU times" in capsys.readouterr().err

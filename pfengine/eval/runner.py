@@ -127,14 +127,19 @@ def run_batch(engine: Engine, run: Run, pending: list[tuple[int, Problem]], buil
               seed: int, on_result: ResultHook | None = None) -> Iterator[dict]:
     """Submit every pending problem of one run, step the engine until all are done, and yield each
     graded record as its request finishes (a failed request yields a record with its ``error``)."""
-    batch, start = uuid.uuid4().hex[:12], time.perf_counter()
+    batch, start, cpu_start = uuid.uuid4().hex[:12], time.perf_counter(), time.process_time()
+
+    def clock() -> dict[str, float]:
+        """Wall and CPU seconds (this process, all threads) since the batch started."""
+        return {"elapsed_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start}
+
     waiting: dict[int, tuple[int, Problem, Request]] = {}
     for k, problem in pending:
         try:
             request = build(problem, run, seed + k)
             waiting[engine.add_request(request)] = (k, problem, request)
         except (ValueError, TypeError) as e:
-            yield _record(problem, k, run, seed + k, batch, time.perf_counter() - start, error=e)
+            yield _record(problem, k, run, seed + k, batch, clock(), error=e)
     while waiting:
         for event in engine.step():
             if (event.result is None and event.error is None) or event.request_id not in waiting:
@@ -142,23 +147,23 @@ def run_batch(engine: Engine, run: Run, pending: list[tuple[int, Problem]], buil
             k, problem, request = waiting.pop(event.request_id)
             if event.result is not None and on_result is not None:
                 on_result(k, problem, run, request, event.result)
-            yield _record(problem, k, run, seed + k, batch, time.perf_counter() - start, event.result, event.error)
+            yield _record(problem, k, run, seed + k, batch, clock(), event.result, event.error)
 
 
-def _record(problem: Problem, index: int, run: Run, seed: int, batch: str, elapsed: float,
+def _record(problem: Problem, index: int, run: Run, seed: int, batch: str, clock: dict[str, float],
             result: PFResult | None = None, error: Exception | None = None) -> dict:
     record = {"unique_id": problem.unique_id, "index": index, "method": run.method, "budget": run.budget,
               "seed": seed, "reference": problem.answer}
     if result is None:
         return record | {"correct": False, "error": f"{type(error).__name__}: {error}", "generated_tokens": 0,
-                         "batch": batch, "elapsed_s": elapsed}
+                         "batch": batch, **clock}
     g = grade(problem.answer, result.text)
     if result.expected_accuracy is not None and run.method == "particle_filter":
         record["expected_accuracy"] = result.expected_accuracy
     return record | {"correct": g.correct, "graded_answer": g.extracted, "answer": result.answer,
                      "finish_reason": result.particles[result.best].finish_reason,
                      "prompt_tokens": result.stats.prompt_tokens, "generated_tokens": result.stats.generated_tokens,
-                     "rounds": result.stats.steps, "batch": batch, "elapsed_s": elapsed, "text": result.text}
+                     "rounds": result.stats.steps, "batch": batch, **clock, "text": result.text}
 
 
 def _progress_bar(total: int, disable: bool):
