@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from pfengine.dp.pool import EnginePool
     from pfengine.engine import Engine
     from pfengine.eval.dataset import Problem
-    from pfengine.eval.runner import Run
+    from pfengine.eval.runner import RequestBuilder, Run
     from pfengine.server import EngineFront
     from pfengine.state import PFResult
 
@@ -605,10 +605,7 @@ def run_eval(args: argparse.Namespace, engine: EngineFront, problems: list[Probl
     out = Path(args.out or Path("out/eval") / Path(args.data).stem)
     chat = use_chat(engine, args.chat)
     runner.prepare_out(out, eval_settings(args, engine, chat), args.fresh)
-
-    def build(problem: Problem, run: Run, seed: int) -> Request:
-        return make_request(args, make_prompt(engine, args, problem.problem), seed, run.method, run.budget)
-
+    build = eval_requests(args, engine)
     if pool is None:
         records = runner.evaluate(engine, problems, runs, build, args.seed, out, progress=not args.no_progress)
     else:
@@ -624,6 +621,15 @@ def run_eval(args: argparse.Namespace, engine: EngineFront, problems: list[Probl
         note = "" if len(paths) > 2 else " (no plot: it needs matplotlib, pip install 'pfengine[viz]')"
         print(f"\nWrote {out / runner.RESULTS}, " + ", ".join(str(p) for p in paths) + note)
     return 0
+
+
+def eval_requests(args: argparse.Namespace, engine: EngineFront) -> RequestBuilder:
+    """How ``eval`` turns a problem of a run into a request: the prompt options, the run's method and
+    budget, the sampling and search options, the given seed."""
+    def build(problem: Problem, run: Run, seed: int) -> Request:
+        return make_request(args, make_prompt(engine, args, problem.problem), seed, run.method, run.budget)
+
+    return build
 
 
 def eval_settings(args: argparse.Namespace, engine: EngineFront, chat: bool) -> dict:

@@ -62,7 +62,9 @@ def connected(placement: Placement) -> Iterator[None]:
         else:
             ray.init(address=address, log_to_driver=False)
     except ConnectionError as e:
-        raise ValueError(f"{ADDRESS_FLAG} {address}: cannot connect to a Ray cluster there ({e})") from None
+        raise ValueError(f"{ADDRESS_FLAG} {address}: cannot connect to a Ray cluster there ({e}); a cluster with "
+                         "token authentication (Ray 2.60 turns it on when ~/.ray/auth_token exists) also needs "
+                         "RAY_AUTH_MODE=token here and its token in ~/.ray/auth_token or RAY_AUTH_TOKEN") from None
     try:
         check_room(placement, ray.cluster_resources())
         yield

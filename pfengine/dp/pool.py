@@ -40,6 +40,7 @@ PROBE_S = 0.5
 DOWN_TIMEOUT_S = 900.0
 """A request waits this long for some replica to be up before it fails."""
 HEALTH_TIMEOUT_S = 10.0
+START_REPORT_S = 60.0
 
 
 class ReplicaLost(RuntimeError):
@@ -81,9 +82,18 @@ class EnginePool:
         return len(self.replicas) * self.config.max_particles
 
     def start(self) -> Front:
-        """Wait until every replica has loaded its engine; their front (they are all the same). A
-        replica that cannot load it raises that error."""
-        described = ray.get([r.handle.describe.remote() for r in self.replicas])
+        """Wait until every replica has loaded its engine (saying so every :data:`START_REPORT_S`
+        while some have not); their front (they are all the same). A replica that cannot load it
+        raises that error."""
+        calls = [r.handle.describe.remote() for r in self.replicas]
+        while len(ray.wait(calls, num_returns=len(calls), timeout=START_REPORT_S)[0]) < len(calls):
+            ready = len(ray.wait(calls, num_returns=len(calls), timeout=0)[0])
+            log.warning("%d of %d engines loaded; Ray starts the others as soon as a node has %d CPU(s) and %d GPU(s) "
+                        "free for each", ready, len(calls), self.placement.cpus, self.placement.gpus)
+        try:
+            described = ray.get(calls)
+        except RayActorError as e:
+            raise ReplicaLost(f"an engine replica died while loading its engine (out of memory?): {e}") from None
         for replica, answer in zip(self.replicas, described):
             self._take_back(replica, answer)
         self.front = described[0].front
