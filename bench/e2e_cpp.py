@@ -1,7 +1,7 @@
 """End to end on CPU: ``Engine.generate`` for one particle-filtering request with the C++ kernels on
 and off (``PFENGINE_CPP=0``), side by side in one process on one engine.
 
-    .venv/bin/python bench/e2e_cpp.py [--particles 64] [--repeats 2] [--profile cpp|ref]
+    .venv/bin/python -m bench.e2e_cpp [--particles 64] [--repeats 2] [--profile cpp|ref]
 
 The model is a random 34M-parameter Qwen2 (hidden 512, 8 layers, 8 heads / 2 kv heads, vocab 16384,
 untied) with a random value-head PRM, built once in ``.cache/bench-qwen2-34m``; the request runs
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from bench.pfengine_pf import DecodeTimer
 from pfengine import Engine, EngineConfig, Request, SamplingParams, SearchParams
 from pfengine.random_model import save_random_model, save_value_head
 
@@ -41,29 +42,7 @@ def model_dir() -> Path:
     return path
 
 
-def timed_decode(engine: Engine, log: list[float], cpu_log: list[float]) -> None:
-    """Time every policy decode step (the forward of all particles' new tokens plus their logits):
-    wall time, and process CPU time (meaningful with one thread, where nothing spins)."""
-    runner, decoder = engine.policy, engine.policy.decoder
-    decode, logits = runner.decode, decoder.logits
-    pending: list[tuple[float, float]] = []
-
-    def decode_wrapped(rows, tokens):
-        pending.append((time.perf_counter(), time.process_time()))
-        return decode(rows, tokens)
-
-    def logits_wrapped(hidden):
-        out = logits(hidden)
-        if pending:
-            wall, cpu = pending.pop()
-            log.append(time.perf_counter() - wall)
-            cpu_log.append(time.process_time() - cpu)
-        return out
-
-    runner.decode, decoder.logits = decode_wrapped, logits_wrapped
-
-
-def run(engine: Engine, n: int, mode: str, steps_log: list[float]):
+def run(engine: Engine, n: int, mode: str):
     if mode == "ref":
         os.environ["PFENGINE_CPP"] = "0"
     else:
@@ -102,32 +81,29 @@ def main() -> None:
     path = model_dir()
     engine = Engine(EngineConfig(model=str(path), prm=str(path / "value_head.safetensors"), num_blocks=2048,
                                  block_size=16, kv_dtype=args.kv_dtype, max_particles=args.particles + 8))
-    from pfengine import _cpp
+    from pfengine.kernels import cpu_isa
 
     print(f"model {path.name}: {sum(p.numel() for p in [engine.policy.decoder.embed]) / 1e6:.1f}M embedding "
-          f"params; C++ extension ({_cpp.isa()}); {torch.get_num_threads()} threads; kv {args.kv_dtype}")
-    run(engine, 4, "cpp", [])  # warm-up: allocator, caches
-    run(engine, 4, "ref", [])
+          f"params; C++ extension ({cpu_isa()} code); {torch.get_num_threads()} threads; kv {args.kv_dtype}")
+    run(engine, 4, "cpp")  # warm-up: allocator, caches
+    run(engine, 4, "ref")
     if args.profile:
-        steps: list[float] = []
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            run(engine, args.particles, args.profile, steps)
+            run(engine, args.particles, args.profile)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
         return
 
     times: dict[str, list[float]] = {"cpp": [], "ref": []}
     steps: dict[str, list[float]] = {"cpp": [], "ref": []}
-    decode_log: list[float] = []
-    cpu_log: list[float] = []
     cpu_steps: dict[str, list[float]] = {"cpp": [], "ref": []}
-    timed_decode(engine, decode_log, cpu_log)
+    timer = DecodeTimer(engine)
+    decode_log, cpu_log = timer.wall, timer.cpu
     tokens: dict[str, list] = {}
     ctx = 0.0
     for _ in range(args.repeats):
         for mode in ("cpp", "ref"):
-            decode_log.clear()
-            cpu_log.clear()
-            seconds, result = run(engine, args.particles, mode, decode_log)
+            timer.clear()
+            seconds, result = run(engine, args.particles, mode)
             times[mode].append(seconds)
             steps[mode].extend(decode_log)
             cpu_steps[mode].extend(cpu_log)

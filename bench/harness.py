@@ -55,6 +55,11 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--out", default="bench/results", help="output directory (JSON, Markdown, PNG, trace)")
     p.add_argument("--tag", default=None, help="file name stem of the outputs (default: quick / full)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the in-process systems (default 2)")
+    p.add_argument("--cpu-isa", default=None, metavar="ISAS",
+                   help="comma-separated instruction sets for pfengine's C++ kernels (PFENGINE_CPU_ISA: avx512, avx2, "
+                        "portable; e.g. avx2,avx512): pfengine and pfengine-head run the first, and each further one "
+                        "adds the systems pfengine-<isa> and pfengine-head-<isa> to the same run (default: the best "
+                        "this CPU runs)")
     p.add_argument("--no-profile", action="store_true", help="skip the pfengine profile / roofline pass")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
@@ -70,14 +75,49 @@ def resolve(args: argparse.Namespace) -> dict:
     return cfg
 
 
-def make_system(name: str, ck, log_dir: Path, max_wl: Workload):
-    """An object with ``system``, ``variant``, ``warmup(wl, ids)``, ``run(wl, ids, seed)`` (and maybe ``close``)."""
-    if name == "pfengine":
+def parse_cpu_isas(arg: str | None) -> list[str | None]:
+    """``--cpu-isa``: instruction sets this CPU runs, in the given order; [None] when not given."""
+    if not arg:
+        return [None]
+    from bench.roofline import cpu_isas
+    from pfengine.kernels import CPU_ISAS
+
+    isas = [x.strip() for x in arg.split(",") if x.strip()]
+    for isa in isas:
+        if isa not in CPU_ISAS:
+            raise ValueError(f"--cpu-isa: {isa!r} is not one of {', '.join(CPU_ISAS)}")
+        if isa not in cpu_isas():
+            raise ValueError(f"--cpu-isa: this CPU cannot run the {isa} code (it runs {', '.join(cpu_isas())})")
+    if not isas or len(set(isas)) != len(isas):
+        raise ValueError(f"--cpu-isa: give distinct instruction sets, got {arg!r}")
+    return isas
+
+
+def with_isa_systems(names: list[str], isas: list[str | None]) -> list[str]:
+    """``names`` plus ``pfengine[-head]-<isa>`` for every instruction set after the first."""
+    extra = [f"{n}-{isa}" for isa in isas[1:] for n in names if n in ("pfengine", "pfengine-head")]
+    return names + extra
+
+
+def pfengine_kind(name: str) -> tuple[str, str | None] | None:
+    """("model" | "head", the forced instruction set or None) for a pfengine system name, else None."""
+    from pfengine.kernels import CPU_ISAS
+
+    for isa in (None, *CPU_ISAS):
+        for kind, base in (("model", "pfengine"), ("head", "pfengine-head")):
+            if name == (base if isa is None else f"{base}-{isa}"):
+                return kind, isa
+    return None
+
+
+def make_system(name: str, ck, log_dir: Path, max_wl: Workload, isa: str | None = None):
+    """An object with ``system``, ``variant``, ``warmup(wl, ids)``, ``run(wl, ids, seed)`` (and maybe ``close``).
+    ``isa``: the instruction set of the plain pfengine systems (``--cpu-isa``'s first)."""
+    if pfengine_kind(name):
         from bench.pfengine_pf import PfenginePF
-        return PfenginePF(ck, "model")
-    if name == "pfengine-head":
-        from bench.pfengine_pf import PfenginePF
-        return PfenginePF(ck, "head")
+
+        kind, own = pfengine_kind(name)
+        return PfenginePF(ck, kind, isa=own or isa)
     if name in ("its_hub", "its_hub-head"):
         from bench.its_hub_pf import ItsHubPF
         return ItsHubPF(ck, "head" if name.endswith("head") else "model")
@@ -101,7 +141,7 @@ def make_system(name: str, ck, log_dir: Path, max_wl: Workload):
     raise ValueError(f"unknown system {name!r}; choose from {ALL_SYSTEMS}")
 
 
-def _start_all(names: list[str], ck, log_dir: Path, max_wl: Workload, log) -> tuple[dict, dict]:
+def _start_all(names: list[str], ck, log_dir: Path, max_wl: Workload, log, isa: str | None) -> tuple[dict, dict]:
     """Start every system; the vLLM ones (slow start-up, own processes) concurrently, first."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -124,7 +164,7 @@ def _start_all(names: list[str], ck, log_dir: Path, max_wl: Workload, log) -> tu
                 log(traceback.format_exc())
     for n in fast:
         try:
-            systems[n] = make_system(n, ck, log_dir, max_wl)
+            systems[n] = make_system(n, ck, log_dir, max_wl, isa)
         except Unavailable as e:
             skipped[n] = str(e)
         except Exception as e:  # noqa: BLE001
@@ -168,10 +208,38 @@ def median_record(runs: list[dict]) -> dict:
     out["wall_s"] = statistics.median(out["wall_s_runs"])
     out["gen_tok_s"] = mid["generated_tokens"] / out["wall_s"]
     out["same_work_all_runs"] = all(r["same_work"] for r in runs)
+    for key in ("decode_step_s", "decode_step_cpu_s"):  # pfengine's unprofiled decode steps
+        if all(key in r for r in runs):
+            out[key] = statistics.median(r[key] for r in runs)
     return out
 
 
+def decode_steps(records: dict, ck, base: Workload, ids, machine: dict) -> dict:
+    """The median unprofiled decode step of each pfengine system at each N against the roofline
+    (:func:`bench.roofline.place`; the mean context of the run, as in the profile pass). With one
+    thread the machine was measured in process CPU time, and so is the step."""
+    from bench.roofline import model_shape, place, step_cost
+
+    shape = model_shape(ck.policy)
+    ctx = statistics.mean(len(i) for i in ids) + base.steps * base.step_tokens / 2
+    key = "decode_step_cpu_s" if machine.get("clock") == "process_time" else "decode_step_s"
+    return {name: {str(n): place(step_cost(shape, r["decode_batch"], ctx, lm_head=True), r[key], machine,
+                                 r["code_isa"]) | {"batch": r["decode_batch"], "context": ctx}
+                   for n, r in per_n.items()}
+            for name, per_n in records.items() if pfengine_kind(name) and per_n}
+
+
 def run(args: argparse.Namespace) -> dict:
+    """The benchmark; with ``--cpu-isa``, every pfengine engine of the run (its_hub's in-process ones
+    too) runs the first instruction set's code unless its system names another."""
+    from bench.pfengine_pf import cpu_isa_forced
+
+    isas = parse_cpu_isas(args.cpu_isa)
+    with cpu_isa_forced(isas[0]):
+        return _run(args, isas)
+
+
+def _run(args: argparse.Namespace, isas: list[str | None]) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
@@ -182,7 +250,7 @@ def run(args: argparse.Namespace) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = resolve(args)
-    names = [s.strip() for s in args.systems.split(",") if s.strip()]
+    names = with_isa_systems([s.strip() for s in args.systems.split(",") if s.strip()], isas)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = args.tag or ("quick" if args.quick else "full")
@@ -204,7 +272,12 @@ def run(args: argparse.Namespace) -> dict:
     ids = prompt_ids(ck.policy, base.prompt_texts())
     log(f"workload: P={base.prompts} S={base.steps} L={base.step_tokens} N={cfg['particles']} "
         f"repeats={cfg['repeats']}; prompt tokens {[len(i) for i in ids]}; load {load_average()}")
-    systems, skipped = _start_all(names, ck, log_dir, base, log)
+    from bench.roofline import describe_machine, measure_machine
+
+    # one thread: CPU time, the cost of the work whatever else runs on the machine (decode steps too)
+    cpu = measure_machine(args.threads, clock=time.process_time if args.threads == 1 else time.perf_counter)
+    log(describe_machine(cpu))
+    systems, skipped = _start_all(names, ck, log_dir, base, log, isas[0])
     load_before = load_average()
     records: dict[str, dict[int, dict]] = {n: {} for n in systems}
     raw: list[dict] = []
@@ -259,15 +332,19 @@ def run(args: argparse.Namespace) -> dict:
     profile = None
     if not args.no_profile and any(n.startswith("pfengine") for n in names):
         log("profiling pfengine (trace + phase table + roofline)")
-        profile = profile_pass(ck, base, cfg["particles"], ids, out_dir, tag, args.threads)
+        profile = profile_pass(ck, base, cfg["particles"], ids, out_dir, tag, cpu, isas)
     result = {"tag": tag, "workload": asdict(base) | {"particles": cfg["particles"]}, "repeats": cfg["repeats"],
               "checkpoints": ck.to_json(), "prompt_tokens": [len(i) for i in ids],
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                          "torch_threads": args.threads, "load_at_start": load_before, "load_at_end": load_average()},
+                          "torch_threads": args.threads, "load_at_start": load_before, "load_at_end": load_average(),
+                          "cpu": cpu, "cpu_isas_run": isas},
               "records": {n: {str(k): v for k, v in r.items()} for n, r in records.items() if r},
               "skipped": skipped, "runs": raw, "profile": profile,
               "total_seconds": time.perf_counter() - started}
+    result["decode_step"] = decode_steps(records, ck, base, ids, cpu)
     result["ratios"] = ratios(result)
+    result["ratios_by_isa"] = {name: ratios(result, name) for name in result["records"]
+                               if pfengine_kind(name) and pfengine_kind(name)[0] == "model" and pfengine_kind(name)[1]}
     (out_dir / f"{tag}.json").write_text(json.dumps(result, indent=1, default=str))
     md = markdown(result)
     (out_dir / f"{tag}.md").write_text(md)
@@ -280,47 +357,59 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def profile_pass(ck, base: Workload, particles: list[int], ids, out_dir: Path, tag: str, threads: int) -> dict:
-    """pfengine (separate PRM) under torch.profiler at each N: phase table + roofline of its decode step."""
-    from bench.pfengine_pf import PfenginePF
+def profile_pass(ck, base: Workload, particles: list[int], ids, out_dir: Path, tag: str, machine: dict,
+                 isas: list[str | None]) -> dict:
+    """pfengine under torch.profiler at each N and instruction set: phase table + roofline of its decode step."""
+    from bench.pfengine_pf import PfenginePF, cpu_isa_forced
     from bench.phases import profile_engine
-    from bench.roofline import decode_roofline, measure_machine
+    from bench.roofline import code_isa, decode_roofline
 
-    machine = measure_machine(threads)
     out = {"machine": machine, "per_n": {}}
     for n in particles:
         wl = replace(base, particles=n)
-        for kind in (["model"] if ck.prm_dir else []) + (["head"] if ck.value_head else []):
-            s = PfenginePF(ck, kind)
-            s.warmup(wl, ids)
-            trace = out_dir / f"{tag}-trace-pfengine-{kind}-N{n}.json"
-            table = profile_engine(s._engine(wl, ids), s.requests(wl, seed=0), trace)
-            table.pop("key_averages")
-            mean_ctx = statistics.mean(len(i) for i in ids) + wl.steps * wl.step_tokens / 2
-            table["roofline"] = decode_roofline(ck.policy, ck.prm_dir if kind == "model" else None, table,
-                                                batch=wl.prompts * n, context=mean_ctx, machine=machine,
-                                                prm_tokens=wl.prompts * n * (wl.step_tokens + 1))
-            out["per_n"][f"{kind}-{n}"] = table
-            del s
+        for isa in isas:
+            for kind in (["model"] if ck.prm_dir else []) + (["head"] if ck.value_head else []):
+                key = f"{kind}-{isa}-{n}" if isa and isa != isas[0] else f"{kind}-{n}"
+                s = PfenginePF(ck, kind, isa=isa)
+                s.warmup(wl, ids)
+                trace = out_dir / f"{tag}-trace-pfengine-{key.rsplit('-', 1)[0]}-N{n}.json"
+                with cpu_isa_forced(isa):
+                    table = profile_engine(s._engine(wl, ids), s.requests(wl, seed=0), trace)
+                    ran = code_isa()
+                table.pop("key_averages")
+                mean_ctx = statistics.mean(len(i) for i in ids) + wl.steps * wl.step_tokens / 2
+                table["roofline"] = decode_roofline(ck.policy, ck.prm_dir if kind == "model" else None, table,
+                                                    batch=wl.prompts * n, context=mean_ctx, machine=machine,
+                                                    prm_tokens=wl.prompts * n * (wl.step_tokens + 1), isa=ran)
+                out["per_n"][key] = table
+                del s
     return out
 
 
-def ratios(result: dict) -> dict:
-    """pfengine's speed-up (wall-time ratio) over each peer at every N."""
+def ratios(result: dict, ref_name: str = "pfengine") -> dict:
+    """The speed-up (wall-time ratio) of ``ref_name`` over each peer at every N (the other pfengine
+    systems are not peers of the ISA variants)."""
     rec = result["records"]
-    ref = rec.get("pfengine", {})
+    ref = rec.get(ref_name, {})
     out: dict[str, dict[str, float]] = {}
     for name, per_n in rec.items():
-        if name == "pfengine":
+        if name == ref_name or (ref_name != "pfengine" and name.startswith("pfengine")):
             continue
         out[name] = {n: per_n[n]["wall_s"] / ref[n]["wall_s"] for n in per_n if n in ref}
     return out
 
 
 def _ordered(d: dict) -> dict:
-    """Systems in the canonical order (pfengine first)."""
+    """Systems in the canonical order (pfengine first, each pfengine system's instruction-set variants
+    after it)."""
     rank = {n: k for k, n in enumerate(ALL_SYSTEMS + ["its_hub-head", "transformers-head"])}
-    return dict(sorted(d.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+    def key(name: str) -> tuple[int, str]:
+        kind = pfengine_kind(name)
+        base = name[:-len(kind[1]) - 1] if kind and kind[1] else name
+        return rank.get(base, len(rank)), name
+
+    return dict(sorted(d.items(), key=lambda kv: key(kv[0])))
 
 
 def _fmt(x, spec=".2f", none="—"):
@@ -328,6 +417,8 @@ def _fmt(x, spec=".2f", none="—"):
 
 
 def markdown(result: dict) -> str:
+    from bench.roofline import describe_machine
+
     w = result["workload"]
     m = result["machine"]
     lines = [f"## pfengine benchmark ({result['tag']})", "",
@@ -336,6 +427,7 @@ def markdown(result: dict) -> str:
              f"(one step tag after the last step), fp32, {m['torch_threads']} threads; median of {result['repeats']} "
              f"interleaved repeats. Load average at start {[round(x, 2) for x in m['load_at_start']]}, "
              f"at end {[round(x, 2) for x in m['load_at_end']]} (2 cores, shared).", "",
+             describe_machine(m["cpu"]) if m.get("cpu") else "CPU not measured.", "",
              "| system | N | wall s (median) | gen tok/s | PRM steps/s | policy tokens | PRM tokens (+tags) | union | "
              "policy recompute | PRM recompute | peer wall ÷ pfengine wall | same work | runs | peak RSS MB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
@@ -366,19 +458,44 @@ def markdown(result: dict) -> str:
     for name, per_n in _ordered(result["ratios"]).items():
         lines.append(f"| {name} | " + " | ".join(_fmt(per_n.get(str(n)), ".2f") + "×" if per_n.get(str(n)) else "—"
                                                  for n in ns) + " |")
+    for ref, table in result.get("ratios_by_isa", {}).items():
+        lines += ["", f"{ref}'s speed-up over each peer (the same run, its wall time as the reference):", "",
+                  "| peer | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---:|" * len(ns)]
+        for name, per_n in _ordered(table).items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(per_n.get(str(n)), ".2f") + "×" if per_n.get(str(n))
+                                                     else "—" for n in ns) + " |")
+    if result.get("decode_step"):
+        cpu_time = result["machine"]["cpu"].get("clock") == "process_time"
+        lines += ["", "pfengine's decode step, unprofiled: the policy forward of B tokens and the LM head, median of "
+                      "the timed runs' median steps" + (" in process CPU time (one thread)" if cpu_time else "") +
+                      ", against the roofline (the machine above; 'that code': the compute roof lowered to pfengine's "
+                      "linear-kernel GEMM rate on the instruction set the run used):",
+                  "", "| system | N | B | decode step ms | roofline ms | fraction of roofline | code | roofline ms of "
+                      "that code | fraction | achieved GFLOP/s |", "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+        for n in ns:
+            for name, per_n in _ordered(result["decode_step"]).items():
+                p = per_n.get(str(n))
+                if p:
+                    lines.append(f"| {name} | {n} | {p['batch']:.0f} | {1e3 * p['measured_s']:.2f} | "
+                                 f"{1e3 * p['roofline_s']:.2f} | {100 * p['fraction_of_roofline']:.0f} % | "
+                                 f"{p.get('isa', '—')} | {_fmt(p.get('isa_roofline_s') and 1e3 * p['isa_roofline_s'])} | "
+                                 f"{_fmt(p.get('fraction_of_isa_roofline') and 100 * p['fraction_of_isa_roofline'], '.0f')} % | "
+                                 f"{p['achieved_gflops']:.1f} |")
     prof = result.get("profile")
     if prof:
-        from bench.phases import format_phase_table
+        from pfengine.profiling import format_phase_table
 
         mc = prof["machine"]
-        lines += ["", f"Machine (measured now, {mc['threads']} threads): fp32 GEMM {mc['gemm_gflops']:.0f} GFLOP/s, "
-                      f"memory copy {mc['mem_gbs']:.1f} GB/s (reference: {mc['reference']['gemm_gflops']:.0f} GFLOP/s, "
-                      f"{mc['reference']['mem_gbs']:.0f} GB/s).", "",
+        lines += ["", describe_machine(mc) + f" Reference: {mc['reference']['gemm_gflops']:.0f} GFLOP/s, "
+                      f"{mc['reference']['mem_gbs']:.0f} GB/s.", "",
                   "Roofline of pfengine's decode step (policy: one forward of B = P×N tokens at the mean context; "
                   "PRM: one extend of B = P×N×(L+1) tokens, a step and its tag per particle; against the limits "
-                  "measured now, above):", "",
+                  "measured now, above: torch's GEMM rate and the copy rate; the last columns use the GEMM rate of "
+                  "pfengine's linear kernel on the instruction set the run used where that is lower, e.g. AVX2 code "
+                  "on an AVX-512 machine):", "",
                   "| run | model | B | FLOP/step | bytes/step | FLOP/byte | bound | measured ms | roofline ms | "
-                  "fraction of roofline | achieved GFLOP/s |", "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+                  "fraction of roofline | achieved GFLOP/s | code | roofline ms of that code | fraction |",
+                  "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---:|"]
         for key, table in prof["per_n"].items():
             rl = table["roofline"]
             for which in ("policy", "prm"):
@@ -389,7 +506,9 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {key} | {which} | {rows} | {p['flops'] / 1e9:.2f} G | {p['bytes'] / 1e6:.1f} M | "
                              f"{p['intensity_flop_per_byte']:.1f} | {p['bound']} | {1e3 * p['measured_s']:.1f} | "
                              f"{1e3 * p['roofline_s']:.1f} | {100 * p['fraction_of_roofline']:.0f} % | "
-                             f"{p['achieved_gflops']:.1f} |")
+                             f"{p['achieved_gflops']:.1f} | {p.get('isa', '—')} | "
+                             f"{_fmt(p.get('isa_roofline_s') and 1e3 * p['isa_roofline_s'], '.1f')} | "
+                             f"{_fmt(p.get('fraction_of_isa_roofline') and 100 * p['fraction_of_isa_roofline'], '.0f')} % |")
         for key, table in prof["per_n"].items():
             lines += ["", f"Phase table, pfengine {key} (trace `{Path(table['trace']).name}`, "
                           f"{table['generated_tokens']} tokens):", "", format_phase_table(table)]
@@ -417,7 +536,7 @@ def plots(result: dict, out_dir: Path, tag: str) -> None:
     plt.close(fig)
     prof = result.get("profile")
     if prof:
-        from bench.phases import PHASES
+        from pfengine.profiling import PHASES
 
         keys = list(prof["per_n"])
         fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -5,8 +5,10 @@
 What a GPU would expose: a decode step of a 1.5B model over a few hundred particles takes ~10-20 ms
 there, so the Python around it must stay well below that. Reported per configuration: engine
 iterations, ms per iteration and µs per particle-token (median of --repeats, process CPU time with one
-torch thread, which stays steady on a shared machine), plus the profiler's phase table for 256
-particles in 4 requests.
+torch thread, which stays steady on a shared machine) -- once as it runs, once with the model's
+forward replaced by a stub returning zeros (what is left is the engine's own host work: sampling,
+particle bookkeeping, block tables, rounds) -- plus the profiler's phase table for 256 particles in
+4 requests.
 
     .venv/bin/python bench/host_overhead.py [--repeats 3] [--tag host-overhead]
 """
@@ -44,6 +46,15 @@ def requests(particles: int, n_requests: int, seed: int) -> list[Request]:
                     search=SearchParams(n_particles=particles // n_requests)) for k in range(n_requests)]
 
 
+def stub_model(engine: Engine) -> None:
+    """The policy's forward returns zeros: iterations then cost only the engine's own work."""
+    decoder = engine.policy.decoder
+    hidden = torch.zeros(4096, decoder.cfg.hidden_size)
+    logits = torch.zeros(4096, decoder.cfg.vocab_size)
+    decoder.forward = lambda batch: hidden[:batch.tokens.numel()]
+    decoder.logits = lambda h: logits[:h.shape[0]]
+
+
 def measure(engine: Engine, particles: int, n_requests: int, seed: int) -> dict:
     for r in requests(particles, n_requests, seed):
         engine.add_request(r)
@@ -60,7 +71,7 @@ def measure(engine: Engine, particles: int, n_requests: int, seed: int) -> dict:
 
 
 def phase_table(engine: Engine, out: Path) -> dict:
-    from pfengine.cli import phase_table as table_of
+    from pfengine.profiling import phase_table as table_of
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -81,24 +92,29 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        engine = tiny_engine(Path(tmp))
-        measure(engine, 64, 4, 0)  # warm-up
+        engine, stubbed = tiny_engine(Path(tmp) / "a"), tiny_engine(Path(tmp) / "b")
+        stub_model(stubbed)
+        for e in (engine, stubbed):
+            measure(e, 64, 4, 0)  # warm-up
         rows = []
         for particles, n_requests in SHAPES:
-            runs = [measure(engine, particles, n_requests, 1000 * k) for k in range(args.repeats)]
-            row = {"particles": particles, "requests": n_requests, "iterations": runs[0]["iterations"],
-                   "tokens": runs[0]["tokens"]}
-            for key in ("ms_per_iteration", "us_per_particle_token", "wall_s"):
-                row[key] = round(statistics.median(r[key] for r in runs), 4)
+            row = {"particles": particles, "requests": n_requests}
+            for name, e in (("", engine), ("engine_only_", stubbed)):
+                runs = [measure(e, particles, n_requests, 1000 * k) for k in range(args.repeats)]
+                row |= {"iterations": runs[0]["iterations"], "tokens": runs[0]["tokens"]}
+                for key in ("ms_per_iteration", "us_per_particle_token"):
+                    row[name + key] = round(statistics.median(r[key] for r in runs), 4)
             rows.append(row)
             print(json.dumps(row), flush=True)
         phases = phase_table(engine, Path(tempfile.mkdtemp()) / "trace.json")
     lines = [f"Host overhead ({time.strftime('%Y-%m-%d')}, process CPU time, 1 torch thread, medians of "
              f"{args.repeats}; tiny Qwen2 policy: hidden 32, 1 layer, vocab 384; value-head PRM; PF, "
              f"{STEPS} steps x {STEP_TOKENS} tokens)", "",
-             "| particles | requests | iterations | ms / iteration | µs / particle-token |", "|---:|---:|---:|---:|---:|"]
+             "| particles | requests | iterations | ms / iteration | µs / particle-token | engine only: ms / iteration "
+             "| engine only: µs / particle-token |", "|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['particles']} | {r['requests']} | {r['iterations']} | {r['ms_per_iteration']:.3f} | "
-              f"{r['us_per_particle_token']:.2f} |" for r in rows]
+              f"{r['us_per_particle_token']:.2f} | {r['engine_only_ms_per_iteration']:.3f} | "
+              f"{r['engine_only_us_per_particle_token']:.2f} |" for r in rows]
     lines += ["", "Phases, 256 particles in 4 requests (wall, profiled):", "", "| phase | seconds | share |",
               "|---|---:|---:|"]
     wall = phases["wall_s"] or 1e-9

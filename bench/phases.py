@@ -1,11 +1,11 @@
 """pfengine under torch.profiler: the Chrome/Perfetto trace and its phase table (the table itself is
-``pfengine.cli.phase_table``, the same one ``pfengine profile`` prints)."""
+``pfengine.profiling.phase_table``, the same one ``pfengine profile`` prints)."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from pfengine.cli import PHASES, format_phase_table, phase_table  # noqa: F401  (re-exported)
+from pfengine.profiling import phase_table
 
 
 def profile_engine(engine, requests: list, out: str | Path, record_shapes: bool = False) -> dict:

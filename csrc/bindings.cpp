@@ -2,8 +2,12 @@
 // Signatures follow the torch references in pfengine/kernels/; the GIL is released while they run.
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <array>
 #include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "kernels.h"
 #include "sampling.h"
@@ -19,6 +23,26 @@ void check_cpu(std::initializer_list<std::pair<const at::Tensor*, const char*>> 
   for (const auto& [t, name] : tensors) check_cpu(*t, name);
 }
 
+constexpr std::array<std::pair<Isa, const char*>, 3> kIsaNames{
+    {{Isa::avx512, "avx512"}, {Isa::avx2, "avx2"}, {Isa::portable, "portable"}}};
+
+// The instruction sets this CPU runs, best first.
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> out;
+  for (const auto& [isa, name] : kIsaNames)
+    if (cpu_supports(isa)) out.emplace_back(name);
+  return out;
+}
+
+// An instruction set by name, checked against this CPU.
+Isa parse_isa(const std::string& name, const char* op) {
+  const auto it = std::find_if(kIsaNames.begin(), kIsaNames.end(), [&](const auto& e) { return name == e.second; });
+  TORCH_CHECK(it != kIsaNames.end(), op, ": isa must be 'avx512', 'avx2' or 'portable', got '", name, "'");
+  TORCH_CHECK(cpu_supports(it->first), op, ": this CPU cannot run the ", name, " code (it runs ",
+              c10::Join(", ", cpu_isas()), ")");
+  return it->first;
+}
+
 KvType kv_type(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return KvType::f32;
@@ -30,7 +54,8 @@ KvType kv_type(at::ScalarType t) {
 
 at::Tensor paged_decode_attention_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                      const at::Tensor& block_tables, const at::Tensor& context_lens,
-                                     double scale) {
+                                     double scale, const std::string& isa) {
+  const Isa code = parse_isa(isa, "paged attention");
   check_cpu({{&q, "q"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"},
             {&block_tables, "block_tables"}, {&context_lens, "context_lens"}});
   TORCH_CHECK(q.dim() == 3, "paged attention: q must be [N, Hq, D]");
@@ -86,6 +111,7 @@ at::Tensor paged_decode_attention_op(const at::Tensor& q, const at::Tensor& k_ca
   a.d = d;
   a.block_size = bs;
   a.scale = static_cast<float>(scale);
+  a.isa = code;
   paged_decode_attention(a);
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
@@ -231,29 +257,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fork_op(const at::Tensor& tables,
   return {pairs, num_cow, missing};
 }
 
-at::Tensor pack_linear_op(const at::Tensor& weight) {
+at::Tensor pack_linear_op(const at::Tensor& weight, const std::string& isa) {
+  const int64_t panel = linear_panel_width(parse_isa(isa, "pack_linear"));
   check_cpu(weight, "weight");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
               "pack_linear: weight must be a 2-D float32 tensor [out_features, in_features], got ",
               weight.scalar_type(), " of shape ", weight.sizes());
   const at::Tensor w = weight.contiguous();
   const int64_t n = w.size(0), k = w.size(1);
-  at::Tensor packed = at::empty({(n + kPanel - 1) / kPanel, k, kPanel}, w.options());
-  pack_linear_weight(w.data_ptr<float>(), n, k, packed.data_ptr<float>());
+  at::Tensor packed = at::empty({(n + panel - 1) / panel, k, panel}, w.options());
+  pack_linear_weight(w.data_ptr<float>(), n, k, panel, packed.data_ptr<float>());
   return packed;
 }
 
 at::Tensor packed_linear_op(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
-                            const c10::optional<at::Tensor>& bias) {
+                            const c10::optional<at::Tensor>& bias, const std::string& isa) {
+  const Isa code = parse_isa(isa, "packed_linear");
+  const int64_t panel = linear_panel_width(code);
   check_cpu({{&x, "x"}, {&packed, "packed"}});
-  TORCH_CHECK(cpu_has_avx512(), "packed_linear: needs AVX-512F, which this CPU lacks");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "packed_linear: x must be a 2-D float32 tensor");
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous() &&
-                  packed.scalar_type() == at::kFloat,
+  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == at::kFloat,
               "packed_linear: packed must come from pack_linear");
+  TORCH_CHECK(packed.size(2) == panel, "packed_linear: packed has panels of ", packed.size(2), " columns, the ", isa,
+              " kernel reads ", panel, ": pack the weight with pack_linear(weight, '", isa, "')");
   const int64_t m = x.size(0), k = x.size(1);
   TORCH_CHECK(packed.size(1) == k, "packed_linear: x has ", k, " features, the weight ", packed.size(1));
-  TORCH_CHECK(out_features > 0 && (out_features + kPanel - 1) / kPanel == packed.size(0),
+  TORCH_CHECK(out_features > 0 && (out_features + panel - 1) / panel == packed.size(0),
               "packed_linear: out_features ", out_features, " does not match the packed weight");
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor b;
@@ -266,7 +295,7 @@ at::Tensor packed_linear_op(const at::Tensor& x, const at::Tensor& packed, int64
   at::Tensor y = at::empty({m, out_features}, x.options());
   if (m == 0) return y;
   packed_linear({xc.data_ptr<float>(), xc.stride(0), packed.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
-                 y.data_ptr<float>(), m, out_features, k});
+                 y.data_ptr<float>(), m, out_features, k}, code);
   return y;
 }
 
@@ -275,12 +304,11 @@ at::Tensor packed_linear_op(const at::Tensor& x, const at::Tensor& packed, int64
 
 PYBIND11_MODULE(_cpp, m) {
   namespace py = pybind11;
-  using pfengine::attention_isa;
   m.doc() = "pfengine C++ CPU kernels (csrc/): paged decode attention, KV store, COW block copy, resampling, fork, "
             "temperature sampling, row-invariant linear";
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("paged_decode_attention", &pfengine::paged_decode_attention_op, nogil, py::arg("q"), py::arg("k_cache"),
-        py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"));
+        py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"), py::arg("isa"));
   m.def("store_kv", &pfengine::store_kv_op, nogil, py::arg("k"), py::arg("v"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("slots"));
   m.def("copy_blocks", &pfengine::copy_blocks_op, nogil, py::arg("kv_cache"), py::arg("pairs"));
@@ -291,12 +319,10 @@ PYBIND11_MODULE(_cpp, m) {
         py::arg("block_size"));
   m.def("temperature_sample", &pfengine::temperature_sample, nogil, py::arg("logits"), py::arg("temperature"),
         py::arg("u"));
-  m.def("pack_linear", &pfengine::pack_linear_op, nogil, py::arg("weight"));
+  m.def("pack_linear", &pfengine::pack_linear_op, nogil, py::arg("weight"), py::arg("isa"));
   m.def("packed_linear", &pfengine::packed_linear_op, nogil, py::arg("x"), py::arg("packed"), py::arg("out_features"),
-        py::arg("bias") = py::none());
-  m.def("has_packed_linear", &pfengine::cpu_has_avx512, "True when packed_linear can run on this CPU (AVX-512F).");
-  m.def("isa", [] { return std::string(attention_isa()); },
-        "Attention code path on this CPU: 'avx2' (AVX2+FMA+F16C) or 'generic'.");
-  m.def("_force_generic", &pfengine::attention_force_generic, py::arg("on"),
-        "Tests: run the portable attention code even on an AVX2 CPU.");
+        py::arg("bias"), py::arg("isa"));
+  m.def("cpu_isas", &pfengine::cpu_isas,
+        "Instruction sets whose kernels this CPU runs, best first: 'avx512' (AVX-512F), 'avx2' (AVX2 + FMA + F16C), "
+        "'portable'.");
 }

@@ -10,6 +10,14 @@ namespace pfengine {
 
 enum class KvType : int { f32 = 0, bf16 = 1, f16 = 2 };
 
+// The instruction sets the kernels have code for, in increasing order (csrc/cpu_isa.cpp). avx2 means
+// AVX2 + FMA + F16C; avx512 means AVX-512F on top of that. Which one runs is the caller's choice
+// (pfengine.kernels.cpu_isa: the best this CPU has, or PFENGINE_CPU_ISA), passed with every call.
+enum class Isa : int { portable = 0, avx2 = 1, avx512 = 2 };
+
+// Whether this CPU can run the code for `isa` (portable: always).
+bool cpu_supports(Isa isa);
+
 struct AttentionArgs {
   const float* q;               // [n, hq, d] fp32, contiguous
   const void* k_cache;          // [num_blocks, B, hkv, d], stride(3) == 1
@@ -23,16 +31,11 @@ struct AttentionArgs {
   float* out;                   // [n, hq, d] fp32, contiguous
   int64_t n, hq, hkv, d, block_size;
   float scale;
+  Isa isa;                      // avx2 / avx512: the AVX2 + FMA + F16C code where d % 8 == 0
 };
 
 // Online-softmax paged decode attention, one task per (particle, kv head), run with at::parallel_for.
 void paged_decode_attention(const AttentionArgs& a);
-
-// "avx2" when the AVX2 + FMA + F16C code path runs on this CPU, else "generic".
-const char* attention_isa();
-
-// Tests: run the portable attention code even where AVX2 is available.
-void attention_force_generic(bool on);
 
 // KV store: row t of k/v (hkv rows of row_bytes each) goes to slot slots[t] (-1 skips).
 struct StoreArgs {
@@ -70,8 +73,7 @@ int64_t fork(const ForkState& s, const int64_t* rows, const int64_t* ancestors, 
              int64_t block_size, int64_t* pairs, int64_t* missing);
 
 // Row-invariant linear layer (csrc/linear.cpp): y[m, n] = x[m, :] . w[n, :] (+ bias[n]), fp32, with w
-// packed by pack_linear_weight into [ceil(n / kPanel), k, kPanel].
-constexpr int64_t kPanel = 64;
+// packed by pack_linear_weight into [ceil(n / panel), k, panel], panel = linear_panel_width(isa).
 struct LinearArgs {
   const float* x;               // [m, k], row stride ldx, unit column stride
   int64_t ldx;
@@ -80,10 +82,8 @@ struct LinearArgs {
   float* y;                     // [m, n] contiguous
   int64_t m, n, k;
 };
-void pack_linear_weight(const float* w, int64_t n, int64_t k, float* packed);
-void packed_linear(const LinearArgs& a);
-
-// True when packed_linear can run here (AVX-512F).
-bool cpu_has_avx512();
+int64_t linear_panel_width(Isa isa);
+void pack_linear_weight(const float* w, int64_t n, int64_t k, int64_t panel, float* packed);
+void packed_linear(const LinearArgs& a, Isa isa);
 
 }  // namespace pfengine

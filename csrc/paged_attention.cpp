@@ -6,9 +6,9 @@
 // Softmax is online (per block: block max, rescale, exp, accumulate P V) with fp32 accumulation for
 // fp32, bf16 and fp16 cache storage. Tasks run on torch's intra-op threads (at::parallel_for).
 //
-// Two code paths: AVX2 + FMA + F16C intrinsics (compiled with a function-level target attribute and
-// picked at run time, so the extension still loads on CPUs without AVX2) when the head dim is a
-// multiple of 8, and portable scalar C++ otherwise.
+// Two code paths: AVX2 + FMA + F16C intrinsics (compiled with a function-level target attribute, so the
+// extension still loads on CPUs without AVX2) when the caller's instruction set is avx2 or avx512 and
+// the head dim is a multiple of 8, and portable scalar C++ otherwise.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -16,7 +16,6 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -33,8 +32,6 @@ namespace pfengine {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-std::atomic<bool> g_force_generic{false};  // tests: run the portable path on an AVX2 machine
 
 template <KvType KT>
 struct Storage;
@@ -163,6 +160,13 @@ PF_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(x);
 }
 
+PF_AVX2 inline float hmax(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_max_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
 // exp for x <= 0 (Cephes expf: Cody-Waite reduction by ln 2, degree-5 polynomial, ~1 ulp);
 // x < -88 gives 0, NaN stays NaN.
 PF_AVX2 inline __m256 exp8(__m256 x) {
@@ -278,14 +282,19 @@ PF_AVX2 void pv_group(const float* p, int64_t B, const void* vp, int64_t s_vt, i
 }
 
 // Turn one head's block scores into probabilities against the new running max; rescale its state.
+// The block max in vector lanes (max is exact, so the order does not matter; a NaN score is skipped
+// as the scalar loop skips it), and no exp when the running max did not move (alpha = exp(0) = 1).
 PF_AVX2 void softmax_update(float* s, int64_t nt, float* m, float* l, float* acc, int64_t D) {
-  float mx = kNegInf;
-  for (int64_t t = 0; t < nt; ++t) mx = s[t] > mx ? s[t] : mx;
+  __m256 mx8 = _mm256_set1_ps(kNegInf);
+  int64_t t = 0;
+  for (; t + 8 <= nt; t += 8) mx8 = _mm256_max_ps(_mm256_loadu_ps(s + t), mx8);
+  float mx = hmax(mx8);
+  for (; t < nt; ++t) mx = s[t] > mx ? s[t] : mx;
   const float m_new = *m > mx ? *m : mx;
-  const float alpha = *m == kNegInf ? 0.0f : std::exp(*m - m_new);
+  const float alpha = *m == kNegInf ? 0.0f : *m == m_new ? 1.0f : std::exp(*m - m_new);
   const __m256 mv = _mm256_set1_ps(m_new);
   __m256 sum8 = _mm256_setzero_ps();
-  int64_t t = 0;
+  t = 0;
   for (; t + 8 <= nt; t += 8) {
     const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
     _mm256_storeu_ps(s + t, p);
@@ -328,18 +337,6 @@ PF_AVX2 void block_avx2(const HeadBlock<typename Storage<KT>::T>& hb, int64_t G,
     pv_group<KT, decltype(ng)::value>(hb.s + g * B, B, hb.v, hb.s_vt, hb.nt, hb.acc + g * D, D, next);
   });
 }
-
-bool cpu_has_avx2() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  return ok;
-}
-
-#else
-
-bool cpu_has_avx2() { return false; }
 
 #endif  // PF_X86
 
@@ -404,7 +401,7 @@ void run_tasks(const AttentionArgs& a) {
 
 template <KvType KT>
 void run(const AttentionArgs& a) {
-  if (cpu_has_avx2() && a.d % 8 == 0 && !g_force_generic.load(std::memory_order_relaxed)) {
+  if (a.isa >= Isa::avx2 && a.d % 8 == 0) {
 #ifdef PF_X86
     run_tasks<KT, true>(a);
     return;
@@ -422,11 +419,5 @@ void paged_decode_attention(const AttentionArgs& a) {
     case KvType::f16: run<KvType::f16>(a); break;
   }
 }
-
-const char* attention_isa() {
-  return cpu_has_avx2() && !g_force_generic.load(std::memory_order_relaxed) ? "avx2" : "generic";
-}
-
-void attention_force_generic(bool on) { g_force_generic.store(on, std::memory_order_relaxed); }
 
 }  // namespace pfengine

@@ -1,10 +1,10 @@
 // Temperature sampling by inverse CDF, fused per row. The reference (pfengine/kernels/sampling.py)
 // materialises four [n, V] tensors (scaled logits, probabilities, their fp64 copy, its cumsum): at
 // n = 64, V = 16384 that is 20 MB of fresh allocations per decode step, and page-faulting them in
-// costs more than the arithmetic. Here each row is scaled into a small per-thread buffer, goes
-// through ATen's softmax kernel (the very code the reference runs, so the probabilities are
-// identical), and is scanned once: the fp64 running sum in index order reproduces the reference's
-// cumsum exactly, and the search is over those same sums.
+// costs more than the arithmetic. Here rows are scaled into a small per-thread buffer, go through
+// ATen's softmax kernel a chunk at a time (the very code the reference runs, so the probabilities
+// are identical), and each is scanned once: the fp64 running sum in index order reproduces the
+// reference's cumsum exactly, and the search is over those same sums.
 #include "sampling.h"
 
 #include <ATen/ATen.h>
@@ -31,21 +31,30 @@ at::Tensor temperature_sample(const at::Tensor& logits, double temperature, cons
   const int64_t row_stride = lg.stride(0);
   const double* up = uu.data_ptr<double>();
   int64_t* op = out.data_ptr<int64_t>();
+  // Rows go through the softmax a chunk at a time (one ATen call per chunk, each row computed as it
+  // would be alone), the buffers bounded at 256K floats per thread.
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(64, (int64_t{1} << 18) / vocab));
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor scaled = at::empty({1, vocab}, lg.options());
-    at::Tensor probs = at::empty({1, vocab}, lg.options());
+    at::Tensor scaled = at::empty({chunk, vocab}, lg.options());
+    at::Tensor probs = at::empty({chunk, vocab}, lg.options());
     std::vector<double> cdf(static_cast<size_t>(vocab));
-    float* s = scaled.data_ptr<float>();
-    const float* p = probs.data_ptr<float>();
-    for (int64_t i = begin; i < end; ++i) {
-      const float* row = src + i * row_stride;
-      for (int64_t j = 0; j < vocab; ++j) s[j] = row[j] / t;
-      at::_softmax_out(probs, scaled, -1, false);
-      double run = 0.0;
-      for (int64_t j = 0; j < vocab; ++j) cdf[j] = run += static_cast<double>(p[j]);
-      const double threshold = up[i] * cdf[vocab - 1];
-      const int64_t k = std::upper_bound(cdf.begin(), cdf.end(), threshold) - cdf.begin();
-      op[i] = std::min(k, vocab - 1);
+    for (int64_t c0 = begin; c0 < end; c0 += chunk) {
+      const int64_t rows = std::min(chunk, end - c0);
+      at::Tensor s_rows = scaled.narrow(0, 0, rows), p_rows = probs.narrow(0, 0, rows);
+      float* s = s_rows.data_ptr<float>();
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* row = src + (c0 + r) * row_stride;
+        for (int64_t j = 0; j < vocab; ++j) s[r * vocab + j] = row[j] / t;
+      }
+      at::_softmax_out(p_rows, s_rows, -1, false);
+      const float* p = p_rows.data_ptr<float>();
+      for (int64_t r = 0; r < rows; ++r) {
+        double run = 0.0;
+        for (int64_t j = 0; j < vocab; ++j) cdf[j] = run += static_cast<double>(p[r * vocab + j]);
+        const double threshold = up[c0 + r] * cdf[vocab - 1];
+        const int64_t k = std::upper_bound(cdf.begin(), cdf.end(), threshold) - cdf.begin();
+        op[c0 + r] = std::min(k, vocab - 1);
+      }
     }
   });
   return out;

@@ -23,6 +23,8 @@ SELECTIONS = ("argmax", "sample", "vote")
 SEED_RANGE = (0, 2**64 - 1)
 WEIGHT_TEMPERATURE_RANGE = (1e-4, 1e4)
 """Tempered log-weights logit(r) / T stay finite and comparable in float32 inside this range."""
+MAX_DELIMITER_CHARS = 64
+"""Longest step delimiter (step ends are matched on token ids by a table with a row per character)."""
 GREEDY_BELOW = 1e-5
 """A sampling temperature below this is greedy (dividing logits by it would overflow)."""
 
@@ -73,6 +75,9 @@ class EngineConfig:
     max_overtakes: int = 16
     """Admission: a waiting request that does not fit yet lets at most this many later requests
     that do fit start before it; then admission waits until it fits (so nothing starves)."""
+    cuda_graphs: bool = True
+    """On CUDA, decode through CUDA graphs captured per batch-size bucket (:mod:`pfengine.cuda_graphs`);
+    no effect on CPU."""
 
     def __post_init__(self) -> None:
         self.model = _path("model", self.model)
@@ -90,6 +95,7 @@ class EngineConfig:
         for name in ("max_request_particles", "max_iterations", "max_request_tokens", "max_prompt_chars"):
             setattr(self, name, _int(name, getattr(self, name), 1))
         self.max_overtakes = _int("max_overtakes", self.max_overtakes, 0)
+        _bool("cuda_graphs", self.cuda_graphs)
 
 
 @dataclass
@@ -121,7 +127,8 @@ class SamplingParams:
         for name in ("max_step_tokens", "max_steps", "max_tokens"):
             setattr(self, name, _int(name, getattr(self, name), 1))
         _string("step_delimiter", self.step_delimiter)
-        require(len(self.step_delimiter) > 0, "step_delimiter", "must be a non-empty string")
+        require(0 < len(self.step_delimiter) <= MAX_DELIMITER_CHARS, "step_delimiter",
+                f"must be a non-empty string of at most {MAX_DELIMITER_CHARS} characters, got {len(self.step_delimiter)}")
         _bool("stop_on_eos", self.stop_on_eos)
 
     @property

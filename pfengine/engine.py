@@ -1,8 +1,10 @@
 """The engine: load once, then run many PF requests together over one paged cache per model.
 
-Data flow per iteration: admit (prefill prompt, fork it N ways) -> decode one token for every particle
-mid-step, of every request, in one forward -> for requests whose particles all reached a step end:
-PRM score -> weights -> resample -> fork -> next step; requests whose particles all finished return.
+Data flow per iteration: admit (prefill prompt, fork it N ways) -> sample and decode one token for
+every particle mid-step, of every request, in one batch -> for requests whose particles all reached
+a step end: PRM score -> weights -> resample -> fork -> next step; requests whose particles all
+finished return. Particles are rows of one :class:`~pfengine.particles.ParticleTable`, so no step of
+the loop touches particles one at a time.
 """
 from __future__ import annotations
 
@@ -13,24 +15,29 @@ import time
 from dataclasses import replace
 from itertools import count
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.profiler import record_function
 
 from pfengine.cache.block_manager import BlockManager
+from pfengine.caches import Caches
 from pfengine.config import AGGREGATIONS, EngineConfig, InvalidArgument, Request, require
+from pfengine.delimiter import DelimiterMatcher
+from pfengine.kernels import cdiv
+from pfengine.kernels.prm_score import initial_running, running_to_prob, weigh
 from pfengine.model.checkpoint import PRM_ARCHITECTURES, CheckpointError, read_config
 from pfengine.model.decoder import load_decoder
 from pfengine.model.tokenizer import check_same_tokenizer, eos_ids, load_tokenizer
-from pfengine.kernels.prm_score import head_logit, initial_running, running_to_prob, weigh
-from pfengine.prm import CallablePRM, EndedStep, ModelPRM, PRMFn, ValueHeadPRM, load_value_head
+from pfengine.particles import MAX_MODEL_LEN, MAX_TOKENS, ParticleTable, RowLimits
+from pfengine.prm import PRM, CallablePRM, EndedSteps, ModelPRM, PRMFn, ValueHeadPRM, load_value_head
 from pfengine.prompting import encode_prompt
 from pfengine.runner import ModelRunner
-from pfengine.sampling import sample
+from pfengine.sampling import RowGroup, sample
 from pfengine.scheduler import Scheduler
-from pfengine.search import results
-from pfengine.search.round import PRM, finish_round, fork, start
+from pfengine.search import make_method, results
+from pfengine.search.method import RoundContext
+from pfengine.search.round import finish_round, start
 from pfengine.state import Event, PFResult, RequestState
 
 log = logging.getLogger("pfengine")
@@ -45,18 +52,27 @@ class Engine:
         self.policy = self._runner(config.model)
         self.prm_runner: ModelRunner | None = None
         self.prm = self._load_prm(prm_fn, model_cfg.hidden_size)
+        self.caches = Caches(self.policy, self.prm_runner)
+        rows, dev = config.max_particles, config.device
+        self.table = ParticleTable(rows, self.max_len)
         self.eos_ids = eos_ids(config.model, model_cfg.eos_token_ids, self.tokenizer)
-        self.scheduler = Scheduler(self.runners, config.max_particles, config.max_overtakes)
+        self.hidden = torch.zeros(rows, model_cfg.hidden_size, device=dev)
+        """The policy's final hidden state at each row's last token."""
+        self.logits = torch.zeros(rows, model_cfg.vocab_size, device=dev)
+        """Each row's next-token logits (a row continues from them after a round)."""
+        self.ctx = RoundContext(self.table, self.caches, self.hidden, self.logits, self.policy.decoder.logits)
+        self.scheduler = Scheduler(self.caches, self.table, rows, config.max_overtakes)
         self._token_text: dict[int, str] = {}
+        self._matchers: dict[str, int] = {}
         self._driving = threading.Lock()
         self._ids = count()
-        self._nodes = count(1)
 
     def _runner(self, path: str) -> ModelRunner:
         c = self.config
         decoder = load_decoder(path, c.num_blocks, c.block_size, getattr(torch, c.kv_dtype), self.max_len, c.device)
-        max_blocks = (self.max_len + c.block_size - 1) // c.block_size
-        return ModelRunner(decoder, BlockManager(c.num_blocks, c.block_size, c.max_particles, max_blocks, c.device))
+        max_blocks = cdiv(self.max_len, c.block_size)
+        return ModelRunner(decoder, BlockManager(c.num_blocks, c.block_size, c.max_particles, max_blocks, c.device),
+                           c.cuda_graphs)
 
     def _load_prm(self, prm_fn: PRMFn | None, hidden_size: int) -> PRM | None:
         path, pc = self.config.prm, self.config.prm_config
@@ -67,7 +83,7 @@ class Engine:
         if path is None:
             return None
         if Path(path).is_file():
-            return ValueHeadPRM(load_value_head(path, hidden_size))
+            return ValueHeadPRM(load_value_head(path, hidden_size, self.config.device))
         shepherd = pc.good_token is not None
         prm_cfg = read_config(path)
         if prm_cfg.is_prm == shepherd:
@@ -90,15 +106,22 @@ class Engine:
         return ids[0]
 
     @property
-    def runners(self) -> list[ModelRunner]:
-        return [self.policy] + ([self.prm_runner] if self.prm_runner else [])
+    def eos_ids(self) -> frozenset[int]:
+        """Token ids that end a particle (with ``SamplingParams.stop_on_eos``)."""
+        return self._eos_ids
+
+    @eos_ids.setter
+    def eos_ids(self, ids: frozenset[int]) -> None:
+        self._eos_ids = frozenset(ids)
+        self.table.eos_ids = torch.tensor(sorted(self._eos_ids), dtype=torch.int64)
 
     def stats(self) -> dict[str, int]:
         s = {"policy_tokens_forwarded": self.policy.tokens_forwarded,
              "policy_blocks_in_use": self.policy.blocks.blocks_in_use, "cow_copies": self.policy.cow_copies,
              "preemptions": self.scheduler.preemptions, "recomputed_tokens": self.scheduler.recomputed_tokens}
         if self.prm_runner is not None:
-            s |= {"prm_tokens_forwarded": self.prm_runner.tokens_forwarded, "prm_tags_forwarded": self.prm.tags_forwarded,
+            s |= {"prm_tokens_forwarded": self.prm_runner.tokens_forwarded,
+                  "prm_tags_forwarded": self.prm_runner.tags_forwarded,
                   "prm_blocks_in_use": self.prm_runner.blocks.blocks_in_use}
         return s
 
@@ -115,34 +138,21 @@ class Engine:
         prompt_text, prompt_ids = encode_prompt(self.tokenizer, prompt)
         ids = [s if isinstance(s, list) else self.tokenizer.encode(s, add_special_tokens=False) for s in steps]
         texts = [s if isinstance(s, str) else self.detokenize(s) for s in steps]
-        if isinstance(self.prm, CallablePRM):
-            logits = [self.prm.score([EndedStep(-1, torch.empty(0), prompt_text, texts[:k + 1], 0)])[0]
-                      for k in range(len(steps))]
-        else:
-            logits = self._step_logits(prompt_ids, ids, keep_tags=aggregation != "model")
+        reads_hidden = self.prm.reads_hidden
         running, seg, scored, out = initial_running(1, aggregation), torch.tensor([0, 1]), torch.tensor([True]), []
-        for logit in logits:
-            running, _, _ = weigh(logit.reshape(1).float().cpu(), running, scored, seg, aggregation, 1.0)
-            out.append(float(running_to_prob(running, aggregation)[0]))
+        with self.scheduler.borrow_row() as row:
+            hidden = self.policy.extend([row], [prompt_ids]) if reads_hidden else self.hidden[:1]
+            if self.prm_runner is not None:
+                self.prm_runner.extend([row], [prompt_ids])
+            for k, step in enumerate(ids):
+                if reads_hidden and step:
+                    hidden = self.policy.extend([row], [step])
+                ended = EndedSteps(torch.tensor([row]), hidden, [0], aggregation != "model",
+                                   pending=lambda step=step: [list(step)],
+                                   texts=lambda k=k: [(prompt_text, texts[:k + 1])])
+                running, _, _ = weigh(self.prm.score(ended).float().cpu(), running, scored, seg, aggregation, 1.0)
+                out.append(float(running_to_prob(running, aggregation)[0]))
         return out
-
-    def _step_logits(self, prompt_ids: list[int], steps: list[list[int]], keep_tags: bool) -> list[torch.Tensor]:
-        """Step logits of the value head or PRM model for one solution, on a borrowed cache row."""
-        row = self.scheduler.free_rows.pop()
-        prm = self.prm
-        runner = self.policy if isinstance(prm, ValueHeadPRM) else prm.runner
-        try:
-            hidden, logits = runner.extend([row], [prompt_ids]), []
-            for step in steps:
-                if isinstance(prm, ModelPRM):
-                    hidden = prm.score([EndedStep(row, torch.empty(0), "", [], 0, list(step))], keep_tags=keep_tags)
-                elif step:
-                    hidden = runner.extend([row], [step])
-                logits.append(head_logit(hidden, prm.head)[0] if prm.head is not None else hidden[0])
-            return logits
-        finally:
-            runner.blocks.free(torch.tensor([row], dtype=torch.int64))
-            self.scheduler.free_rows.append(row)
 
     def add_request(self, request: Request) -> int:
         """Validate and queue a request; it joins the running batch at the next round boundary."""
@@ -186,7 +196,7 @@ class Engine:
         events = self._contain(admitted, self._prefill)
         events += self.scheduler.make_room()
         events += self._contain(list(self.scheduler.running), self._decode)
-        at_barrier = [r for r in self.scheduler.running if all(p.step_done or p.finished for p in r.particles)]
+        at_barrier = [r for r in self.scheduler.running if not r.growing]
         if at_barrier:
             events += self._contain(at_barrier, self._finish_round)
         return events
@@ -203,12 +213,13 @@ class Engine:
 
     def _finish_round(self, at_barrier: list[RequestState]) -> list[Event]:
         with record_function("pfengine::round"):  # PRM score -> weights -> resample -> fork
-            finish_round(at_barrier, self.prm, self.runners, self.detokenize)
+            finish_round(at_barrier, self.prm, self.ctx, self.detokenize)
         events = [Event(r.id, r.trace[-1]) for r in at_barrier]
         for r in [r for r in at_barrier if r.done]:
+            result = results.build(r, self.ctx, self.detokenize)
             self.scheduler.finish(r)
             r.stats.seconds = time.perf_counter() - r.started
-            events.append(Event(r.id, None, results.build(r, self.detokenize)))
+            events.append(Event(r.id, None, result))
         return events
 
     def generate(self, requests: list[Request]) -> list[PFResult]:
@@ -264,15 +275,16 @@ class Engine:
                f"{c.max_request_particles}")
         require(search.iterations <= c.max_iterations, "iterations",
                f"{search.iterations} is over this engine's limit, EngineConfig.max_iterations={c.max_iterations}")
-        if search.uses_prm and self.prm is None:
+        method = make_method(search)
+        if method.uses_prm and self.prm is None:
             raise InvalidArgument("method", f"{search.method!r} needs a PRM: set EngineConfig.prm (a PRM directory "
                                             f"or a value-head .safetensors file) or pass prm_fn to Engine")
-        if search.method == "greedy" and not sampling.greedy:
-            request = replace(request, sampling=replace(sampling, temperature=0.0))
+        if method.sampling(sampling) != sampling:
+            request = replace(request, sampling=method.sampling(sampling))
         text, ids = self._encode(request.prompt)
-        n = search.particles_per_sweep
-        require(n + 2 <= c.max_particles, "n_particles",
-               f"{n} particles{' per sweep' if search.iterations > 1 else ''} need {n + 2} cache rows; "
+        n = method.slots
+        require(method.rows_needed <= c.max_particles, "n_particles",
+               f"{n} particles{' per sweep' if search.iterations > 1 else ''} need {method.rows_needed} cache rows; "
                f"EngineConfig.max_particles is {c.max_particles}")
         require(len(ids) < self.max_len - 1, "prompt",
                 f"{len(ids)} tokens does not fit EngineConfig.max_model_len={self.max_len}")
@@ -292,7 +304,8 @@ class Engine:
                f"(SamplingParams.max_step_tokens={sampling.max_step_tokens}); the cache has {c.num_blocks} "
                f"(raise EngineConfig.num_blocks)")
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
-        return RequestState(id=next(self._ids), request=request, prompt_ids=ids, prompt_text=text, seed=seed)
+        return RequestState(id=next(self._ids), request=request, prompt_ids=ids, prompt_text=text, seed=seed,
+                            method=method)
 
     def _encode(self, prompt: str | list[dict]) -> tuple[str, list[int]]:
         try:
@@ -305,91 +318,80 @@ class Engine:
         roots = [r.root_row for r in admitted]
         hidden = self.policy.extend(roots, [r.prompt_ids for r in admitted])
         logits = self.policy.decoder.logits(hidden)
-        scored = [r for r in admitted if r.request.search.uses_prm]
+        scored = [r for r in admitted if r.method.uses_prm]
         if self.prm_runner is not None and scored:
             self.prm_runner.extend([r.root_row for r in scored], [r.prompt_ids for r in scored])
         for k, r in enumerate(admitted):
             r.started = time.perf_counter()
             r.stats.prompt_tokens = len(r.prompt_ids)
-            fork(self.runners, r.rows, [r.root_row] * r.n)
-            start(r, logits[k:k + 1], hidden[k:k + 1])
+            self.table.configure(r.rows, self._limits(r))
+            self.caches.assign(r.rows, [r.root_row] * r.n)
+            start(r, self.ctx, logits[k:k + 1], hidden[k:k + 1])
+
+    def _limits(self, r: RequestState) -> RowLimits:
+        sp = r.request.sampling
+        context = self.max_len - len(r.prompt_ids) - sp.max_steps  # room for the PRM's step tags
+        return RowLimits(max_tokens=min(sp.max_tokens, context),
+                         limit_reason=MAX_TOKENS if sp.max_tokens <= context else MAX_MODEL_LEN,
+                         max_step_tokens=sp.max_step_tokens, max_steps=sp.max_steps, stop_on_eos=sp.stop_on_eos,
+                         matcher=self._matcher(sp.step_delimiter),
+                         prm_reads=self.prm_runner is not None and r.method.uses_prm)
+
+    def _matcher(self, delimiter: str) -> int:
+        """The table's matcher for ``delimiter`` (made on first use; their transitions fill lazily)."""
+        if delimiter not in self._matchers:
+            self._matchers[delimiter] = len(self.table.matchers)
+            self.table.matchers.append(DelimiterMatcher(delimiter, self.token_text, self.logits.shape[1]))
+        return self._matchers[delimiter]
 
     def _decode(self, running: list[RequestState]) -> None:
         """Sample one token for every particle mid-step and forward them all in one batch through
-        the policy. The PRM model reads them later, at the step end (``Particle.prm_lag``).
+        the policy. The PRM model reads them later, at the step end (``ParticleTable.prm_lag``).
 
         Siblings that hold the same sequence and sample the same token are forwarded once; the
         others fork from that one afterwards, so no token is ever computed twice."""
-        forwarded: list[tuple[RequestState, int]] = []
-        dups: list[tuple[RequestState, int, int]] = []
-        tokens: list[int] = []
-        for r in running:
-            idx = [i for i, p in enumerate(r.particles) if not (p.step_done or p.finished)]
-            if not idx:
-                continue
-            lag = int(self.prm_runner is not None and r.request.search.uses_prm)
-            first: dict[tuple[int, int], int] = {}
-            with record_function("pfengine::sample"):
-                new = sample(r.logits[idx], r.request.sampling, r.generator).tolist()
-            for i, t in zip(idx, new):
-                p = r.particles[i]
-                rep = first.setdefault((p.node, t), i)
-                if rep == i:
-                    p.node = next(self._nodes)
-                    forwarded.append((r, i))
-                    tokens.append(t)
-                else:
-                    p.node = r.particles[rep].node
-                    dups.append((r, i, rep))
-                p.prm_lag += lag
-                self._append(r, p, t)
-        if not forwarded:
+        growing = [r for r in running if r.growing]
+        if not growing:
             return
+        t = self.table
+        every = torch.cat([r.rows for r in growing])
+        mask = t.growing(every)
+        rows = every[mask]
+        owner = torch.arange(len(growing)).repeat_interleave(torch.tensor([r.n for r in growing]))[mask]
+        counts = torch.bincount(owner, minlength=len(growing)).tolist()
+        with record_function("pfengine::sample"):
+            tokens = sample(self.logits[rows], [RowGroup(r.request.sampling, r.generator, k)
+                                                for r, k in zip(growing, counts)]).cpu()
+        first = t.merge_identical(rows, tokens)
+        ended = t.append(rows, tokens)
+        ends = torch.bincount(owner[ended], minlength=len(growing)).tolist()
+        for r, k, e in zip(growing, counts, ends):
+            r.stats.generated_tokens += k
+            r.growing -= e
+        leader = first == torch.arange(rows.numel())
         with record_function("pfengine::decode"):
-            hidden = self.policy.decode(torch.tensor([r.rows[i] for r, i in forwarded]), torch.tensor(tokens))
-            logits = self.policy.decoder.logits(hidden)
-        for k, (r, i) in enumerate(forwarded):
-            r.hidden[i], r.logits[i] = hidden[k], logits[k]
-        if dups:
-            self._catch_up_prm({(id(r), j): (r, j) for r, _, j in dups}.values())
-            for runner in self.runners:
-                runner.blocks.assign(torch.tensor([r.rows[i] for r, i, _ in dups]),
-                                     torch.tensor([r.rows[j] for r, _, j in dups]))
-            for r, i, j in dups:
-                r.hidden[i], r.logits[i] = r.hidden[j], r.logits[j]
-                r.particles[i].prm_lag = r.particles[j].prm_lag
+            hidden = self.policy.decode(rows[leader], tokens[leader])
+            self.hidden[rows[leader]] = hidden
+            self.logits[rows[leader]] = self.policy.decoder.logits(hidden)
+        if not bool(leader.all()):
+            self._fork_followers(rows[~leader], rows[first[~leader]])
 
-    def _catch_up_prm(self, sources: Iterable[tuple[RequestState, int]]) -> None:
-        """Let the PRM model read the pending tokens of particles that siblings fork from mid-step,
-        so the forked PRM rows are complete and no token is read twice."""
-        behind = [(r, j) for r, j in sources if r.particles[j].prm_lag]
-        if not behind:
-            return
-        assert self.prm_runner is not None
-        self.prm.catch_up([r.rows[j] for r, j in behind],
-                          [r.particles[j].tokens[-r.particles[j].prm_lag:] for r, j in behind])
-        for r, j in behind:
-            r.particles[j].prm_lag = 0
+    def _fork_followers(self, followers: torch.Tensor, leaders: torch.Tensor) -> None:
+        """Rows that sampled what their leader sampled become copies of it, in both caches. A PRM
+        model first reads the leaders' pending tokens, so the copies are complete and no token is
+        read twice."""
+        t = self.table
+        behind = leaders.unique()
+        behind = behind[t.prm_lag[behind] > 0]
+        if behind.numel():
+            self.prm.catch_up(behind.tolist(), t.pending(behind))
+            t.prm_lag[behind] = 0
+        self.caches.assign(followers, leaders)
+        self.hidden[followers], self.logits[followers] = self.hidden[leaders], self.logits[leaders]
+        t.prm_lag[followers] = t.prm_lag[leaders]
 
-    def _append(self, r: RequestState, p, token: int) -> None:
-        sp = r.request.sampling
-        p.tokens.append(token)
-        r.stats.generated_tokens += 1
-        text = self._decode_token(token)
-        p.step_text += text
-        tail = p.step_text[-(len(text) + len(sp.step_delimiter) - 1):] if text else ""
-        step_len = len(p.tokens) - p.step_starts[-1]
-        context = self.max_len - len(r.prompt_ids) - sp.max_steps
-        if sp.stop_on_eos and token in self.eos_ids:
-            p.finish_reason = "eos"
-        elif len(p.tokens) >= min(sp.max_tokens, context):
-            p.finish_reason = "max_tokens" if sp.max_tokens <= context else "max_model_len"
-        if p.finished or sp.step_delimiter in tail or step_len >= sp.max_step_tokens:
-            p.step_done = True
-            if not p.finished and len(p.step_starts) >= sp.max_steps:
-                p.finish_reason = "max_steps"
-
-    def _decode_token(self, token: int) -> str:
+    def token_text(self, token: int) -> str:
+        """One token's text as the step delimiter sees it (cached)."""
         text = self._token_text.get(token)
         if text is None:
             text = self._token_text[token] = self.tokenizer.decode([token])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from pfengine.config import MAX_DELIMITER_CHARS
+
 NO_DELIMITER = "\x00\x00pfengine:no-step-delimiter\x00\x00"
 """A step delimiter no model produces: a step then ends only at EOS or its token limit."""
 
@@ -96,8 +98,9 @@ def stop_list(stop: str | list[str] | None, field: str = "stop") -> list[str]:
         return []
     stops = [stop] if isinstance(stop, str) else list(stop)
     for s in stops:
-        if not isinstance(s, str) or not s:
-            raise ValueError(f"{field}: stop sequences must be non-empty strings, got {s!r}")
+        if not isinstance(s, str) or not s or len(s) > MAX_DELIMITER_CHARS:
+            raise ValueError(f"{field}: stop sequences must be non-empty strings of at most {MAX_DELIMITER_CHARS} "
+                             f"characters, got {s!r}")
     return stops
 
 

@@ -23,6 +23,14 @@ CORPUS = [
     "Let x be the number of apples. Then x + 3 = 10, so x = 7.\n\nTherefore \\boxed{7}.",
     "First, 100 - 37 = 63.\n\nNext, 63 / 7 = 9.\n\nFinally \\boxed{9}.",
 ]
+QWEN2_5_MATH_1_5B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "hidden_size": 1536,
+    "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+    "vocab_size": 151936, "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 21,
+    "bos_token_id": 151643, "eos_token_id": 151643}
+"""config.json of Qwen2.5-Math-1.5B: the shape the GPU check (bench/gpu_check.py) runs with random
+weights, and the shape at which the tests check that the CUDA decode step is capturable."""
 ARCHS = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
          "mistral": (MistralConfig, MistralForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
          "granite": (GraniteConfig, GraniteForCausalLM), "phi3": (Phi3Config, Phi3ForCausalLM)}

@@ -4,19 +4,26 @@ from __future__ import annotations
 import torch
 
 from pfengine.cache.block_manager import BlockManager
+from pfengine.cuda_graphs import decode_graphs
 from pfengine.kernels.copy_blocks import copy_blocks
 from pfengine.model.decoder import ForwardBatch, PagedDecoder
 
 
 class ModelRunner:
-    def __init__(self, decoder: PagedDecoder, blocks: BlockManager) -> None:
+    def __init__(self, decoder: PagedDecoder, blocks: BlockManager, cuda_graphs: bool = False) -> None:
         self.decoder, self.blocks = decoder, blocks
         decoder.tables = blocks.tables
+        self.graphs = decode_graphs(decoder, blocks.tables.shape[0]) if cuda_graphs else None
+        """Decode through CUDA graphs (on CUDA with the Triton kernels; see :mod:`pfengine.cuda_graphs`)."""
         self.tokens_forwarded = 0
+        """Content tokens forwarded (prompts and generated tokens)."""
+        self.tags_forwarded = 0
+        """PRM step tags forwarded (``extend(..., tagged=True)``), counted apart from content."""
         self.cow_copies = 0
 
-    def extend(self, rows: list[int], token_lists: list[list[int]]) -> torch.Tensor:
-        """Append several tokens to each row (prompt prefill, PRM steps); hidden state of each row's last token."""
+    def extend(self, rows: list[int], token_lists: list[list[int]], tagged: bool = False) -> torch.Tensor:
+        """Append several tokens to each row (prompt prefill, PRM steps); hidden state of each row's
+        last token. ``tagged``: each list ends with a PRM step tag."""
         assert all(token_lists), "extend: every row needs at least one token"
         dev = self.blocks.device
         rows_t = torch.tensor(rows, dtype=torch.int64, device=dev)
@@ -27,15 +34,18 @@ class ModelRunner:
         cu = [0, *torch.cumsum(n_new, 0).tolist()]
         tokens = torch.tensor([t for ts in token_lists for t in ts], dtype=torch.int64, device=dev)
         hidden = self.decoder.forward(ForwardBatch(tokens, positions, slots, rows_t, cu, start + n_new))
+        if tagged:
+            self.tokens_forwarded -= len(rows)
+            self.tags_forwarded += len(rows)
         return hidden[[c - 1 for c in cu[1:]]]
 
     def decode(self, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token to each row; their hidden states ``[n, H]``."""
         rows, tokens = rows.to(self.blocks.device), tokens.to(self.blocks.device)
         positions = self.blocks.lens[rows].clone()
-        slots = self._reserve(rows, torch.ones_like(rows))
+        slots = self._reserve(rows, 1)
         cu = list(range(rows.numel() + 1))
-        return self.decoder.forward(ForwardBatch(tokens, positions, slots, rows, cu, positions + 1))
+        return (self.graphs or self.decoder).forward(ForwardBatch(tokens, positions, slots, rows, cu, positions + 1))
 
     def fork(self, rows: torch.Tensor, ancestors: torch.Tensor, writes: torch.Tensor) -> None:
         """Resampling fork of this cache (see :meth:`BlockManager.fork`), copies included."""
@@ -43,9 +53,9 @@ class ModelRunner:
         copy_blocks(self.decoder.kv_cache, pairs)
         self.cow_copies += int((pairs[0] >= 0).sum())
 
-    def _reserve(self, rows: torch.Tensor, n_new: torch.Tensor) -> torch.Tensor:
+    def _reserve(self, rows: torch.Tensor, n_new: torch.Tensor | int) -> torch.Tensor:
         slots, cow = self.blocks.reserve(rows, n_new)
         copy_blocks(self.decoder.kv_cache, cow)
         self.cow_copies += cow.shape[1]
-        self.tokens_forwarded += int(n_new.sum())
+        self.tokens_forwarded += slots.numel()
         return slots

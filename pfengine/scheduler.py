@@ -11,16 +11,23 @@ and every running one ends (its steps and tokens are bounded, and one that outgr
 fails): the engine always makes progress and ``has_work`` becomes false."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
-from pfengine.cache.block_manager import OutOfBlocks, ceil_div
+from pfengine.cache.block_manager import OutOfBlocks
+from pfengine.caches import Caches
+from pfengine.kernels import cdiv
+from pfengine.particles import ParticleTable, Phase
 from pfengine.runner import ModelRunner
 from pfengine.state import Event, RequestState
 
 
 class Scheduler:
-    def __init__(self, runners: list[ModelRunner], max_rows: int, max_overtakes: int) -> None:
-        self.runners = runners
+    def __init__(self, caches: Caches, table: ParticleTable, max_rows: int, max_overtakes: int) -> None:
+        self.caches, self.table = caches, table
+        self.runners = caches.runners
         self.max_overtakes = max_overtakes
         self.waiting: list[RequestState] = []
         self.running: list[RequestState] = []
@@ -42,7 +49,7 @@ class Scheduler:
     def blocks_to_admit(self, prompt_len: int, n: int, step_tokens: int) -> int:
         """Blocks a request needs to start: its prompt, and one step (+ a COW copy) per particle."""
         B = self.block_size
-        return ceil_div(prompt_len, B) + n * (ceil_div(step_tokens + 1, B) + 1)
+        return cdiv(prompt_len, B) + n * (cdiv(step_tokens + 1, B) + 1)
 
     def admit(self) -> list[RequestState]:
         """Start the waiting requests that fit, by the policy in the module docstring; give them rows."""
@@ -55,9 +62,8 @@ class Scheduler:
         for r in list(self.waiting):
             if any(p.overtaken >= self.max_overtakes for p in passed):
                 break
-            need = self.blocks_to_admit(len(r.prompt_ids), r.search.particles_per_sweep,
-                                        r.request.sampling.max_step_tokens)
-            if _rows_needed(r) > len(self.free_rows) or need > free_blocks:
+            need = self.blocks_to_admit(len(r.prompt_ids), r.method.slots, r.request.sampling.max_step_tokens)
+            if r.method.rows_needed > len(self.free_rows) or need > free_blocks:
                 passed.append(r)
                 continue
             free_blocks -= need
@@ -70,10 +76,19 @@ class Scheduler:
         return admitted
 
     def _give_rows(self, r: RequestState) -> None:
-        r.rows = [self.free_rows.pop() for _ in range(r.search.particles_per_sweep)]
+        r.rows = torch.tensor([self.free_rows.pop() for _ in range(r.method.slots)], dtype=torch.int64)
         r.root_row = self.free_rows.pop()
-        if r.search.method == "particle_gibbs":
-            r.ref_row = self.free_rows.pop()
+        r.method.extra_rows = [self.free_rows.pop() for _ in range(r.method.extra_rows_needed)]
+
+    @contextmanager
+    def borrow_row(self) -> Iterator[int]:
+        """A free cache row for the duration of the block; freed (in every cache) afterwards."""
+        row = self.free_rows.pop()
+        try:
+            yield row
+        finally:
+            self.caches.free([row])
+            self.free_rows.append(row)
 
     def make_room(self) -> list[Event]:
         """Preempt the latest-admitted requests until this iteration's worst case fits in every cache:
@@ -81,6 +96,8 @@ class Scheduler:
         yet and a step tag per particle not yet scored. A request that cannot fit even alone fails
         (an error event); the others go on."""
         while self.running:
+            if self._surely_fits():
+                return []
             needs = self._worst_case()
             if all(need <= runner.blocks.num_free for runner, need in needs):
                 return []
@@ -94,20 +111,24 @@ class Scheduler:
             self.preempt(victim)
         return []
 
+    def _surely_fits(self) -> bool:
+        """A cheap bound first: every particle needing a new block and a copy, in every cache."""
+        t, B = self.table, self.block_size
+        rows = torch.cat([r.rows for r in self.running])
+        bound = 2 * rows.numel()
+        if self.caches.prm is not None:
+            bound = max(bound, -(-int(t.prm_lag[rows].sum()) // B) + 4 * rows.numel())
+        return bound <= min(runner.blocks.num_free for runner in self.runners)
+
     def _worst_case(self) -> list[tuple[ModelRunner, int]]:
-        policy_rows, prm_rows, prm_new = [], [], []
-        for r in self.running:
-            for i, p in enumerate(r.particles):
-                if not (p.step_done or p.finished):
-                    policy_rows.append(r.rows[i])
-                if r.request.search.uses_prm and not (p.frozen or p.held):
-                    prm_rows.append(r.rows[i])
-                    prm_new.append(p.prm_lag + (1 if p.step_done or p.finished else 2))
-        policy, *prm = self.runners
-        needs = [(policy, policy.blocks.blocks_needed(torch.tensor(policy_rows, dtype=torch.int64), 1))]
-        for runner in prm:
-            needs.append((runner, runner.blocks.blocks_needed(torch.tensor(prm_rows, dtype=torch.int64),
-                                                              torch.tensor(prm_new, dtype=torch.int64))))
+        t = self.table
+        rows = torch.cat([r.rows for r in self.running])
+        phase = t.phase[rows]
+        needs = [(self.caches.policy, self.caches.policy.blocks.blocks_needed(rows[phase == Phase.GROWING], 1))]
+        if self.caches.prm is not None:
+            scored = (t.prm_reads[rows] > 0) & (phase != Phase.FROZEN) & (phase != Phase.HELD)
+            new = t.prm_lag[rows] + torch.where(phase == Phase.GROWING, 2, 1)
+            needs.append((self.caches.prm, self.caches.prm.blocks.blocks_needed(rows[scored], new[scored])))
         return needs
 
     def preempt(self, r: RequestState) -> None:
@@ -144,10 +165,5 @@ class Scheduler:
         """A running request stops running (finished, failed, aborted or preempted)."""
         self.running.remove(r)
         self.admission_paused = False
-        for runner in self.runners:
-            runner.blocks.free(torch.tensor(r.all_rows, dtype=torch.int64))
+        self.caches.free(r.all_rows)
         self.free_rows += r.all_rows
-
-
-def _rows_needed(r: RequestState) -> int:
-    return r.search.particles_per_sweep + 1 + (r.search.method == "particle_gibbs")

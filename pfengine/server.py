@@ -69,6 +69,7 @@ from pfengine.config import EngineConfig, InvalidArgument, Request, SamplingPara
 from pfengine.http_gate import Gate, GateConfig
 from pfengine.prompting import (NO_DELIMITER, chat_prompt, common_prefix, encode_prompt, stop_list, stream_safe,
                                 trim_at_stop)
+from pfengine.search import make_method
 from pfengine.state import Event, PFResult, StepTrace
 
 log = logging.getLogger("pfengine.server")
@@ -234,8 +235,9 @@ def build_job(engine: EngineFront, prompt: str | list[dict], body: _Body, max_to
         search = SearchParams(**search_kw)
     except InvalidArgument as e:
         raise _invalid(e) from None
-    if not plain and body.n > _candidates(search):
-        raise APIError(400, f"n: a {search.method} search returns at most {_candidates(search)} candidates, "
+    candidates = make_method(search).n_candidates
+    if not plain and body.n > candidates:
+        raise APIError(400, f"n: a {search.method} search returns at most {candidates} candidates, "
                             f"asked for {body.n}", "n")
 
     try:
@@ -270,16 +272,6 @@ def build_job(engine: EngineFront, prompt: str | list[dict], body: _Body, max_to
         raise _invalid(e) from None
     return Job(Request(prompt=prompt, sampling=sampling, search=search, reference_answer=extra["reference_answer"]),
                plain, body.n, stops, body.include_stop_str_in_output, extra["return_particles"], prompt_tokens)
-
-
-def _candidates(search: SearchParams) -> int:
-    if search.method == "dvts":
-        return search.n_particles // search.beam_width
-    if search.method == "parallel_tempering":
-        return search.n_particles // len(search.temperatures)
-    if search.method == "particle_gibbs":
-        return search.particles_per_sweep
-    return search.n_particles
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,13 +323,9 @@ def _usage(jobs: list[Job], results: list[PFResult]) -> dict:
 def _round_info(engine: EngineFront, trace: StepTrace, round_no: int) -> dict:
     leader = max(range(len(trace.log_weights)), key=lambda i: trace.log_weights[i]) if trace.log_weights else 0
     return {"round": round_no, "sweep": trace.sweep, "leader": leader,
-            "leader_text": _decode(engine, trace.tokens[leader]) if trace.tokens else "",
+            "leader_text": engine.detokenize(trace.tokens[leader]) if trace.tokens else "",
             "scores": trace.scores, "weights": [math.exp(w) for w in trace.log_weights], "ess": trace.ess,
             "ancestors": trace.ancestors}
-
-
-def _decode(engine: EngineFront, tokens: list[int]) -> str:
-    return engine.detokenize(tokens)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -606,15 +594,15 @@ async def _sse(engine: EngineFront, events: AsyncIterator[Event], first: asyncio
                 rounds += 1
                 tr = event.trace
                 if job.plain:
-                    deltas = {i: advance(i, stream_safe(_decode(engine, t), job.stops, job.include_stop))
+                    deltas = {i: advance(i, stream_safe(engine.detokenize(t), job.stops, job.include_stop))
                               for i, t in enumerate(tr.tokens)}
                     yield chunk({i: d for i, d in deltas.items() if d} or {0: ""})
                 else:
-                    settled = search.method != "beam_search" and tr.sweep == search.iterations - 1
+                    settled = make_method(search).settled_text and tr.sweep == search.iterations - 1
                     delta = ""
                     if settled:
                         alive = [tr.tokens[a] for a in tr.ancestors] if tr.ancestors is not None else tr.tokens
-                        delta = advance(0, stream_safe(_decode(engine, common_prefix(alive)), job.stops,
+                        delta = advance(0, stream_safe(engine.detokenize(common_prefix(alive)), job.stops,
                                                        job.include_stop))
                     yield chunk({0: delta}, ext=_round_info(engine, tr, rounds))
             if event.result is not None:

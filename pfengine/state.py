@@ -1,65 +1,18 @@
-"""Live state of requests and their particles, and the results handed back."""
+"""What a request is while it runs, and what it hands back: rounds, results, events."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from pfengine.config import Request, SearchParams
+from pfengine.particles import FINISH_REASONS
 
-FINISH_REASONS = ("eos", "max_steps", "max_tokens", "max_model_len")
-"""Why a particle ended: it sampled end-of-text (``eos``: the model finished its solution), or a
-limit cut it off: ``SamplingParams.max_steps``, ``SamplingParams.max_tokens``, or the context
-(``max_model_len``, less room for the PRM's step tags)."""
+if TYPE_CHECKING:
+    from pfengine.search.method import SearchMethod
 
-
-@dataclass
-class Particle:
-    tokens: list[int] = field(default_factory=list)
-    """Generated tokens (the prompt is not included)."""
-    step_starts: list[int] = field(default_factory=lambda: [0])
-    """Index into ``tokens`` where each step begins; the last entry is the current step."""
-    step_text: str = ""
-    """Per-token decoded text of the current step, for delimiter detection."""
-    step_done: bool = False
-    finish_reason: str | None = None
-    """Why the particle stopped growing (one of ``FINISH_REASONS``); None while it grows."""
-    frozen: bool = False
-    """Finished and scored: keeps its weight, never extended again."""
-    held: bool = False
-    """A particle Gibbs reference prefix: not decoded, not scored; its next step is fixed."""
-    prm_lag: int = 0
-    """Trailing ``tokens`` the PRM model's cache has not read yet: it reads a step's tokens in one
-    extend when the step ends (or earlier, when a sibling forks from this particle mid-step)."""
-    node: int = 0
-    """Identity of the token sequence: particles with equal ``node`` hold identical tokens (forks of
-    each other that sampled the same tokens), so only one of them is forwarded."""
-    step_running: list[float] = field(default_factory=list)
-    """The running PRM aggregate after each scored step."""
-    step_hidden: list[torch.Tensor] = field(default_factory=list)
-    """Hidden state at each step end (kept for particle Gibbs references: their copies continue
-    from any step without a forward pass)."""
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def copy(self) -> Particle:
-        return replace(self, tokens=list(self.tokens), step_starts=list(self.step_starts),
-                       step_running=list(self.step_running), step_hidden=list(self.step_hidden))
-
-    def steps(self) -> list[list[int]]:
-        ends = self.step_starts[1:] + [len(self.tokens)]
-        return [self.tokens[s:e] for s, e in zip(self.step_starts, ends) if e > s]
-
-    def prefix(self, n_steps: int) -> Particle:
-        """This particle cut after its first ``n_steps`` steps (as a reference prefix)."""
-        n_steps = min(n_steps, len(self.step_starts))
-        end = self.step_starts[n_steps] if n_steps < len(self.step_starts) else len(self.tokens)
-        return Particle(tokens=self.tokens[:end], step_starts=self.step_starts[:max(n_steps, 1)],
-                        step_done=True,
-                        finish_reason=self.finish_reason if n_steps == len(self.step_starts) else None,
-                        step_running=self.step_running[:n_steps], step_hidden=self.step_hidden[:n_steps])
+__all__ = ["FINISH_REASONS", "RequestState", "StepTrace", "RequestStats", "ParticleResult", "PFResult", "Event"]
 
 
 @dataclass
@@ -136,38 +89,29 @@ class Event:
 
 
 @dataclass
-class Completed:
-    """A beam that finished and left the pool, with its aggregated score (logit or sum-log for prod)."""
-
-    particle: Particle
-    running: float
-
-
-@dataclass
 class RequestState:
+    """One admitted (or waiting) request. Its particles live in the engine's
+    :class:`~pfengine.particles.ParticleTable` at ``rows``; what only one search method needs lives
+    in ``method``."""
+
     id: int
     request: Request
     prompt_ids: list[int]
     prompt_text: str
     seed: int
-    rows: list[int] = field(default_factory=list)
+    method: SearchMethod
+    rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     """One cache row per particle slot."""
     root_row: int = -1
     """Holds the prompt for the request's lifetime (particle Gibbs sweeps restart from it)."""
-    ref_row: int = -1
-    """Particle Gibbs: holds the whole reference trajectory."""
     generator: torch.Generator = field(init=False)
-    particles: list[Particle] = field(default_factory=list)
-    logits: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None
-    prompt_logits: torch.Tensor | None = None
-    prompt_hidden: torch.Tensor | None = None
-    running: torch.Tensor | None = None
+    aggregate: torch.Tensor | None = None
+    """Each particle's running PRM aggregate (logit r, or sum log p for ``prod``)."""
     log_w: torch.Tensor | None = None
+    """Normalised log-weights."""
+    growing: int = 0
+    """Particles still mid-step in the current round."""
     trace: list[StepTrace] = field(default_factory=list)
-    completed: list[Completed] = field(default_factory=list)
-    ref: Particle | None = None
-    sweep: int = 0
     round: int = 0
     """Rounds finished in the current sweep."""
     done: bool = False
@@ -185,20 +129,14 @@ class RequestState:
 
     @property
     def n(self) -> int:
-        return len(self.rows)
+        return self.rows.numel()
 
     @property
     def all_rows(self) -> list[int]:
-        return self.rows + [self.root_row] + ([self.ref_row] if self.ref_row >= 0 else [])
+        return self.rows.tolist() + [self.root_row] + self.method.extra_rows
 
     def restart(self) -> None:
         """Back to the state before admission (after a preemption): same seed, same future."""
-        fresh = RequestState(self.id, self.request, self.prompt_ids, self.prompt_text, self.seed)
+        fresh = RequestState(self.id, self.request, self.prompt_ids, self.prompt_text, self.seed,
+                             type(self.method)(self.search))
         self.__dict__.update(fresh.__dict__)
-
-    def reorder(self, ancestors: list[int]) -> None:
-        """Particle ``i`` becomes a copy of particle ``ancestors[i]`` (the caches fork separately)."""
-        idx = torch.tensor(ancestors, device=self.logits.device)
-        self.particles = [self.particles[a].copy() for a in ancestors]
-        self.logits, self.hidden = self.logits[idx], self.hidden[idx]
-        self.running, self.log_w = self.running[idx], self.log_w[idx]

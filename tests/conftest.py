@@ -6,10 +6,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402  (importing torch does not import triton)
 
-if not torch.cuda.is_available():
+from kernel_device import DEVICE  # noqa: E402
+
+if DEVICE.type == "cpu":
     # Triton decides when it is first imported (transformers -> torch._dynamo imports it) whether its
     # own language helpers are interpreted; the kernel tests (tests/test_kernel_*.py) run Triton on
-    # CPU tensors, so the interpreter must be on before anything imports triton.
+    # CPU tensors unless PFENGINE_TEST_DEVICE=cuda (tests/kernel_device.py), so the interpreter must be
+    # on before anything imports triton.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
@@ -47,7 +50,7 @@ def _triton_path(request, monkeypatch):
     if request.node.get_closest_marker("triton") is None:
         return
     triton = pytest.importorskip("triton")
-    if not torch.cuda.is_available() and type(triton.language.standard.zeros).__name__ != "InterpretedFunction":
+    if DEVICE.type == "cpu" and type(triton.language.standard.zeros).__name__ != "InterpretedFunction":
         pytest.fail("triton was imported before TRITON_INTERPRET=1 was set", pytrace=False)
     monkeypatch.setenv("PFENGINE_TRITON", "1")
 
@@ -63,6 +66,16 @@ def _cpp_path(request, monkeypatch):
     importlib.import_module("pfengine._cpp")
     monkeypatch.delenv("PFENGINE_TRITON", raising=False)
     monkeypatch.delenv("PFENGINE_CPP", raising=False)
+
+
+@pytest.fixture()
+def one_thread():
+    """One torch thread: a tiny model's steps are Python-bound, and a second thread only spins (on a
+    shared 2-core box, OpenMP's barriers make every op up to 100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import torch
 
 from pfengine.cache.block_manager import BlockManager
 from pfengine.kernels.copy_blocks import copy_blocks_ref
-from pfengine.kernels.fork import ForkResult, fork_ref
+from pfengine.kernels.fork import BlockState, ForkResult, fork_ref
 from pfengine.kernels.kv_store import store_kv_ref
 from pfengine.kernels.paged_attention import (paged_decode_attention_ref, paged_extend_attention,
                                               paged_extend_attention_ref, plan_extend)
@@ -248,16 +248,23 @@ EXTEND_CASES = [([40, 7, 33], [5, 7, 1], 4, 2, 16, 8, torch.float32),
 """(context lengths, new tokens per sequence, hq, hkv, d, block size, cache dtype)"""
 
 
-def check_extend_attention(lens: list[int], new: list[int], hq: int, hkv: int, d: int, b: int,
+ExtendFn = Callable[[Tensor, Tensor, Tensor, Tensor, list[int], Tensor, float], Tensor]
+
+
+def dispatched_extend(q: Tensor, kc: Tensor, vc: Tensor, tables: Tensor, cu_q: list[int], ctx: Tensor,
+                      scale: float) -> Tensor:
+    """The extend the environment selects, laid out by :func:`plan_extend`."""
+    return paged_extend_attention(q, kc, vc, plan_extend(tables, cu_q, ctx), scale)
+
+
+def check_extend_attention(extend: ExtendFn, lens: list[int], new: list[int], hq: int, hkv: int, d: int, b: int,
                            dtype: torch.dtype) -> None:
-    """The dispatched extend (the path this test's environment selects, through :func:`plan_extend`)
-    equals the numpy oracle, and so does the SDPA reference."""
+    """``extend`` (e.g. :func:`dispatched_extend`) equals the numpy oracle, and so does the SDPA reference."""
     _, kc, vc, tables, ctx = attention_case(lens, hq, hkv, d, b, dtype, seed=sum(lens) + d)
     cu_q = np.concatenate([[0], np.cumsum(new)]).tolist()
     q = torch.randn(cu_q[-1], hq, d, generator=torch.Generator().manual_seed(d))
     oracle = torch.from_numpy(numpy_extend_attention(q, kc, vc, tables, cu_q, ctx, d ** -0.5))
-    dispatched = paged_extend_attention(q, kc, vc, plan_extend(tables, cu_q, ctx), d ** -0.5)
-    for out in (dispatched, paged_extend_attention_ref(q, kc, vc, tables, cu_q, ctx, d ** -0.5)):
+    for out in (extend(q, kc, vc, tables, cu_q, ctx, d ** -0.5), paged_extend_attention_ref(q, kc, vc, tables, cu_q, ctx, d ** -0.5)):
         assert out.shape == q.shape and out.dtype == q.dtype
         torch.testing.assert_close(out.double(), oracle, rtol=2e-5, atol=2e-5)
 
@@ -347,10 +354,10 @@ def replicate_ancestors(resample: ResampleFn, method: str, reps: int, seed: int,
 
 
 # ------------------------------------------------------------------------------------------------
-# fork(tables, lens, ref_counts, free_stack, num_free, rows, ancestors, writes, block_size)
+# fork(state: BlockState, rows, ancestors, writes, block_size)
 
 ForkFn = Callable[..., ForkResult]
-State = list[Tensor]
+State = BlockState
 
 
 def fork_scenario(seed: int, num_blocks: int = 48, block_size: int = 4, rows: int = 8, width: int = 8,
@@ -376,8 +383,8 @@ def fork_scenario(seed: int, num_blocks: int = 48, block_size: int = 4, rows: in
 def block_state(bm: BlockManager) -> State:
     """Copies of ``bm``'s tensors as the fork kernels take them: tables, lens, refcounts, free stack,
     ``[num_free]``."""
-    return [bm.tables.clone(), bm.lens.clone(), bm.ref_counts.clone(), bm.free_stack.clone(),
-            torch.tensor([bm.num_free], dtype=torch.int64)]
+    return BlockState(bm.tables.clone(), bm.lens.clone(), bm.ref_counts.clone(), bm.free_stack.clone(),
+                      torch.tensor([bm.num_free], dtype=torch.int64))
 
 
 def manager_with(bm: BlockManager, state: State) -> BlockManager:
@@ -409,8 +416,8 @@ def check_fork(fork: ForkFn, seed: int, rows_sel: Tensor, ancestors: Tensor, wri
     stack included) and keeps the block invariants. Returns the state before, after, and the result."""
     before = block_state(bm)
     s_ref, after = block_state(bm), block_state(bm)
-    res_ref = fork_ref(*s_ref, rows_sel, ancestors, writes, block_size)
-    res = fork(*after, rows_sel, ancestors, writes, block_size, **blocks)
+    res_ref = fork_ref(s_ref, rows_sel, ancestors, writes, block_size)
+    res = fork(after, rows_sel, ancestors, writes, block_size, **blocks)
     for name, a, b in zip(("tables", "lens", "refs", "num_free"), after[:3] + after[4:], s_ref[:3] + s_ref[4:]):
         assert torch.equal(a, b), f"seed {seed}: {name} differ"
     nf = int(s_ref[4][0])
@@ -542,7 +549,7 @@ def check_empty_single_and_many_children(fork: ForkFn, rows: int, num_blocks: in
     """No children, one child, then ``rows`` children over ``num_blocks`` blocks of 2 tokens."""
     bm = fork_scenario(3)
     none = torch.zeros(0, dtype=torch.int64)
-    empty = fork(*block_state(bm), none, none, none.bool(), bm.block_size)
+    empty = fork(block_state(bm), none, none, none.bool(), bm.block_size)
     assert empty.cow_pairs.shape == (2, 0) and int(empty.num_cow[0]) == 0 and int(empty.missing[0]) == 0
     check_fork(fork, 1, torch.tensor([5]), torch.tensor([0]), torch.tensor([True]), bm, bm.block_size)
     big = fork_scenario(9, num_blocks=num_blocks, block_size=2, rows=rows, width=18, rounds=3)

@@ -1,6 +1,7 @@
 """Helpers for the tests that compare whole kernel paths (Triton, C++, torch reference): a short
-particle-filtering run of the engine, counting which kernel entry points it launched, and every
-kernel in a fresh interpreter that cannot import one of the optional dependencies."""
+particle-filtering run of the engine, counting which kernel entry points it launched, every kernel in
+a fresh interpreter that cannot import one of the optional dependencies, and the decoder at a real
+model's shape on the meta device (shapes and dtypes without memory or data)."""
 from __future__ import annotations
 
 import importlib
@@ -10,8 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pfengine import Engine, EngineConfig, PFResult, Request, SamplingParams, SearchParams
+from pfengine.model.checkpoint import expected_shapes, parse_config
+from pfengine.model.decoder import ForwardBatch, PagedDecoder
+from pfengine.random_model import QWEN2_5_MATH_1_5B
 
 Run = tuple[PFResult, dict[str, int]]
 
@@ -87,3 +92,20 @@ def run_without(module: str, checks: str) -> str:
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
     return proc.stdout
+
+
+def meta_decoder(kv_dtype: torch.dtype) -> PagedDecoder:
+    """Qwen2.5-Math-1.5B's shape on the meta device (4,096 blocks of 16, 1,024 table rows): no memory,
+    no data, and any read of data (a host sync on a GPU) raises."""
+    cfg = parse_config(QWEN2_5_MATH_1_5B)
+    tensors = {name: torch.empty(shape, device="meta") for name, shape in expected_shapes(cfg).items()
+               if name != "lm_head.weight"}
+    decoder = PagedDecoder(cfg, tensors, 4096, 16, kv_dtype, cfg.max_position_embeddings, "meta")
+    decoder.tables = torch.full((1024, cfg.max_position_embeddings // 16), -1, dtype=torch.int32, device="meta")
+    return decoder
+
+
+def meta_batch(n: int) -> ForwardBatch:
+    """A decode batch of ``n`` rows on the meta device, with the runner's dtypes."""
+    ints = [torch.empty(n, dtype=torch.int64, device="meta") for _ in range(5)]
+    return ForwardBatch(*ints[:4], list(range(n + 1)), ints[4])

@@ -42,6 +42,25 @@ def test_cpp_path_by_default_equals_reference_path(policy_dir, prm_dir, value_he
     assert any(tr.ancestors is not None for tr in cpp[0].trace), "no round resampled"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", kernels.CPU_ISAS)
+def test_each_instruction_set_gives_the_reference_run(policy_dir, prm_dir, monkeypatch, caplog, isa):
+    """PFENGINE_CPU_ISA forces an instruction set's code (linear layers and attention) for the whole
+    engine; each one gives the same particles as the torch references."""
+    if isa not in kernels.cpp_ops().cpu_isas():
+        pytest.skip(f"this CPU cannot run the {isa} code")
+    monkeypatch.setenv("PFENGINE_CPP", "0")
+    ref = run_pf(policy_dir, prm_dir, **RUN)
+    monkeypatch.delenv("PFENGINE_CPP")
+    monkeypatch.setenv("PFENGINE_CPU_ISA", isa)
+    monkeypatch.setattr(kernels, "_ISA_CHOICE", None)  # see the log line again
+    monkeypatch.setattr(kernels, "_CPP_LOGGED", set())
+    with caplog.at_level(logging.INFO, logger="pfengine"):
+        got = run_pf(policy_dir, prm_dir, **RUN)
+    assert f"CPU kernels: C++ kernels run the {isa} code (PFENGINE_CPU_ISA)" in caplog.messages
+    assert_same_run(got, ref)
+
+
 def test_log_says_once_which_cpu_path(monkeypatch, caplog):
     monkeypatch.setattr(kernels, "_CPP_LOGGED", set())
     t = torch.zeros(1)

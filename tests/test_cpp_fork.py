@@ -9,7 +9,7 @@ from kernel_cases import (block_state, check_block_boundary_and_dead_blocks, che
                           fork_scenario)
 from pfengine.cache.block_manager import BlockManager
 from pfengine.kernels import fork as fk
-from pfengine.kernels.fork import fork, fork_cpp, fork_ref
+from pfengine.kernels.fork import BlockState, fork, fork_cpp, fork_ref
 from pfengine.kernels.resample import resample_cpp, resample_ref
 
 pytestmark = pytest.mark.cpp
@@ -42,8 +42,8 @@ def test_empty_single_child_many_children_and_strided_state():
     lens2 = torch.stack([s_cpp[1], s_cpp[1]], 1)
     rows, anc = torch.tensor([1, 2, 4, 6]), torch.tensor([3, 3, 0, 2])
     w = torch.tensor([1, 0, 1, 1], dtype=torch.uint8)
-    r_ref = fork_ref(*s_ref, rows, anc, w.bool(), bm.block_size)
-    r_cpp = fork_cpp(wide[:, ::2], lens2[:, 0], *s_cpp[2:], rows.int(), anc.int(), w, bm.block_size)
+    r_ref = fork_ref(s_ref, rows, anc, w.bool(), bm.block_size)
+    r_cpp = fork_cpp(BlockState(wide[:, ::2], lens2[:, 0], *s_cpp[2:]), rows.int(), anc.int(), w, bm.block_size)
     assert torch.equal(wide[:, ::2], s_ref[0]) and bool((wide[:, 1::2] == 7).all())
     assert torch.equal(lens2[:, 0], s_ref[1]) and torch.equal(s_cpp[2], s_ref[2])
     assert all(torch.equal(a, b) for a, b in zip(r_cpp, r_ref))
@@ -54,9 +54,9 @@ def test_bad_rows_raise_before_changing_anything():
     state = block_state(bm)
     snapshot = [x.clone() for x in state]
     with pytest.raises(RuntimeError, match="ancestor"):
-        fork_cpp(*state, torch.arange(3), torch.tensor([0, 1, 3]), torch.ones(3, dtype=torch.bool), bm.block_size)
+        fork_cpp(state, torch.arange(3), torch.tensor([0, 1, 3]), torch.ones(3, dtype=torch.bool), bm.block_size)
     with pytest.raises(RuntimeError, match="row"):
-        fork_cpp(*state, torch.tensor([0, 99]), torch.tensor([0, 1]), torch.ones(2, dtype=torch.bool), bm.block_size)
+        fork_cpp(state, torch.tensor([0, 99]), torch.tensor([0, 1]), torch.ones(2, dtype=torch.bool), bm.block_size)
     assert all(torch.equal(a, b) for a, b in zip(state, snapshot))
 
 
@@ -89,10 +89,11 @@ def test_dispatch_block_manager_and_profiler_range(monkeypatch):
     bm.check_invariants()
     assert calls == [1] and "pfengine::fork" in {e.name for e in prof.events()}
     monkeypatch.setenv("PFENGINE_CPP", "0")
-    fork(*block_state(bm), torch.arange(2), torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.bool), 4)
+    fork(block_state(bm), torch.arange(2), torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.bool), 4)
     assert calls == [1], "PFENGINE_CPP=0 must take the reference"
     monkeypatch.delenv("PFENGINE_CPP")
     s = block_state(bm)
     refs = torch.stack([s[2], s[2]], 1)[:, 0]  # a non-contiguous refcount view
-    fork(s[0], s[1], refs, *s[3:], torch.arange(2), torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.bool), 4)
+    fork(BlockState(s[0], s[1], refs, *s[3:]), torch.arange(2), torch.zeros(2, dtype=torch.int64),
+         torch.ones(2, dtype=torch.bool), 4)
     assert calls == [1], "a layout the C++ kernel does not take runs the reference"

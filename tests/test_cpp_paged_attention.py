@@ -1,10 +1,11 @@
 """C++ paged decode attention (pfengine._cpp) vs its torch reference and a numpy oracle, on both of
-its code paths (AVX2 and portable), plus the CPU dispatch."""
+its code paths (AVX2, which the avx2 and avx512 instruction sets run, and portable), plus the CPU
+dispatch."""
 import pytest
 import torch
 
 from kernel_cases import (ATTENTION_CASES, EXTEND_CASES, attention_case, check_attention,
-                          check_attention_single_token_and_empty, check_extend_attention)
+                          check_attention_single_token_and_empty, check_extend_attention, dispatched_extend)
 from pfengine.kernels import paged_attention as pa
 from pfengine.kernels.paged_attention import (
     paged_decode_attention, paged_decode_attention_cpp, paged_decode_attention_ref)
@@ -12,16 +13,15 @@ from pfengine.kernels.paged_attention import (
 pytestmark = pytest.mark.cpp
 
 
-@pytest.fixture(params=["avx2", "generic"])
-def isa(request):
+@pytest.fixture(params=["avx2", "portable"])
+def isa(request, monkeypatch):
     """Run each test on the vectorised path (where the CPU has it) and on the portable one."""
     from pfengine import _cpp
 
-    if request.param == "avx2" and _cpp.isa() != "avx2":
+    if request.param not in _cpp.cpu_isas():
         pytest.skip("CPU without AVX2/FMA/F16C")
-    _cpp._force_generic(request.param == "generic")
-    yield request.param
-    _cpp._force_generic(False)
+    monkeypatch.setenv("PFENGINE_CPU_ISA", request.param)
+    return request.param
 
 
 # The shared cases plus GQA groups of 3 and 6, head dims that are not a multiple of 8 (portable path)
@@ -134,4 +134,4 @@ def test_dispatch_takes_cpp_on_cpu_and_the_reference_with_pfengine_cpp_0(monkeyp
 @pytest.mark.parametrize("case", EXTEND_CASES)
 def test_extend_runs_every_new_token_as_a_decode_row(isa, case):
     """Prefill / PRM extends: each new token attends causally over its sequence's blocks."""
-    check_extend_attention(*case)
+    check_extend_attention(dispatched_extend, *case)

@@ -6,7 +6,7 @@ import torch
 from pfengine.config import SamplingParams
 from pfengine.kernels import sampling as ks
 from pfengine.kernels.sampling import temperature_sample_cpp, temperature_sample_ref
-from pfengine.sampling import sample
+from pfengine.sampling import RowGroup, sample
 
 pytestmark = pytest.mark.cpp
 
@@ -54,7 +54,7 @@ def test_sample_uses_the_fused_kernel_for_plain_sampling_only(monkeypatch):
     logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(2))
 
     def draw(params):
-        return sample(logits, params, torch.Generator().manual_seed(7))
+        return sample(logits, [RowGroup(params, torch.Generator().manual_seed(7), logits.shape[0])])
 
     plain = draw(SamplingParams(temperature=0.8))
     assert calls == [1]

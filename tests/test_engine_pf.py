@@ -1,7 +1,11 @@
 """Step-wise particle filtering end to end on a tiny model with callable PRMs."""
+import random
+
 import pytest
+import torch
 
 from pfengine import Engine, EngineConfig, SearchParams, Request, SamplingParams
+from pfengine.delimiter import DelimiterMatcher
 from pfengine.search.answers import extract_answer
 
 
@@ -116,16 +120,39 @@ def test_many_requests_share_the_cache_and_finish_clean(policy_dir, value_head_f
     engine.policy.blocks.check_invariants()
 
 
-def test_step_ends_on_a_token_that_merges_the_delimiter(policy_dir):
-    engine = Engine(EngineConfig(model=policy_dir, num_blocks=64, block_size=8), prm_fn=lambda p, s: 0.5)
-    from pfengine.state import Particle, RequestState
-    r = RequestState(0, request(), [1], "x", seed=0, rows=[0])
-    engine._token_text |= {1000: "so", 1001: " 5.\n", 1002: "\nThe", 1003: "x\n\ny"}
+def test_step_ends_on_a_token_that_merges_the_delimiter():
+    texts = {1000: "so", 1001: " 5.\n", 1002: "\nThe", 1003: "x\n\ny"}
     for tokens, ends in [([1000, 1001, 1002], 3), ([1003], 1), ([1000, 1001], None)]:
-        p = Particle()
+        matcher, state = DelimiterMatcher("\n\n", texts.__getitem__, 1100), torch.zeros(1, dtype=torch.int64)
         for k, t in enumerate(tokens, 1):
-            engine._append(r, p, t)
-            assert p.step_done == (k == ends)
+            state, done = matcher.advance(state, torch.tensor([t]))
+            assert bool(done[0]) == (k == ends)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_delimiter_is_found_on_token_ids_where_text_matching_finds_it(seed):
+    """The matcher (a string automaton over token texts, transitions cached per (state, token)) ends
+    a step exactly where searching the step's text for the delimiter would: random vocabularies of
+    texts built from the delimiter's own characters, many rows advancing at once."""
+    rng = random.Random(seed)
+    delimiter = rng.choice(["\n\n", "abab", "aab", "xyzx", "\n"])
+    alphabet = sorted(set(delimiter)) + ["q"]
+    texts = {t: "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4))) for t in range(60)}
+    matcher = DelimiterMatcher(delimiter, texts.__getitem__, 60)
+    rows = [[rng.randrange(60) for _ in range(30)] for _ in range(8)]
+    state = torch.zeros(len(rows), dtype=torch.int64)
+    text = [""] * len(rows)
+    for k in range(30):
+        new = torch.tensor([r[k] for r in rows])
+        state, done = matcher.advance(state, new)
+        for i, t in enumerate(new.tolist()):
+            piece = texts[t]
+            text[i] += piece
+            tail = text[i][-(len(piece) + len(delimiter) - 1):] if piece else ""
+            expected = delimiter in tail
+            assert bool(done[i]) == expected, (delimiter, text[i])
+            if expected:
+                text[i] = ""  # the next step begins
 
 
 def test_greedy_particles_are_identical(policy_dir):

@@ -7,7 +7,7 @@ from kernel_paths import assert_same_run, count_launches, run_pf
 pytest.importorskip("triton")
 
 TRITON_ENTRY_POINTS = [("paged_attention", "paged_decode_attention_triton"), ("kv_store", "store_kv_triton"),
-                       ("fork", "fork_triton"), ("prm_score", "score_particles_triton"),
+                       ("fork", "fork_triton"), ("prm_score", "head_logit_triton"), ("prm_score", "weigh_triton"),
                        ("resample", "resample_triton"), ("copy_blocks", "copy_blocks_triton")]
 RUN = dict(particles=4, steps=3, step_tokens=4, num_blocks=64)
 

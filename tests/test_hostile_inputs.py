@@ -83,6 +83,8 @@ API_CASES = [
     ("max_steps=-3", lambda: SamplingParams(max_steps=-3), "max_steps: must be >= 1"),
     ("stop_on_eos='no'", lambda: SamplingParams(stop_on_eos="no"), "stop_on_eos: expected true or false"),
     ("step_delimiter=''", lambda: SamplingParams(step_delimiter=""), "step_delimiter: must be a non-empty string"),
+    ("step_delimiter of 65 characters", lambda: SamplingParams(step_delimiter="=" * 65),
+     "step_delimiter: must be a non-empty string of at most 64 characters, got 65"),
     ("message without role", lambda: Request(prompt=[{"content": "hi"}]), r"prompt\[0\].role: expected a string"),
     ("message without content", lambda: Request(prompt=[{"role": "user"}]), r"prompt\[0\].content: expected a string"),
     ("message not a dict", lambda: Request(prompt=["hi"]), r"prompt\[0\]: expected a message"),

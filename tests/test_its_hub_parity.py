@@ -23,8 +23,8 @@ from its_hub.api.reward_models.prm import AbstractProcessRewardModel  # noqa: E4
 
 from pfengine.config import Request, SearchParams  # noqa: E402
 from pfengine.kernels.prm_score import LOGIT_CLIP, initial_running, weigh  # noqa: E402
-from pfengine.search.particle_filter import draw, plan  # noqa: E402
-from pfengine.state import Particle, RequestState  # noqa: E402
+from pfengine.search.particle_filter import ParticleFilter, draw, plan  # noqa: E402
+from pfengine.state import RequestState  # noqa: E402
 
 STEPS, PROBS = ["A", "B", "C"], [0.5, 0.3, 0.2]
 VALUE = {"A": -0.6, "B": 0.7, "C": 1.4}
@@ -68,27 +68,28 @@ def its_hub_selected(seed: int) -> str:
 def pfengine_selected(seed: int) -> str:
     """pfengine's PF round logic (weigh -> plan -> reorder) driven by the same mock."""
     rng = random.Random(seed)
-    r = RequestState(0, Request(prompt="q", search=SearchParams(n_particles=N, resampling="multinomial")), [], "", seed=seed,
-                     rows=list(range(N)))
-    r.particles = [Particle() for _ in range(N)]
+    search = SearchParams(n_particles=N, resampling="multinomial")
+    r = RequestState(0, Request(prompt="q", search=search), [], "", seed=seed, method=ParticleFilter(search),
+                     rows=torch.arange(N))
+    done = [False] * N
     paths: list[list[str]] = [[] for _ in range(N)]
-    r.running = initial_running(N, "model")
+    r.aggregate = initial_running(N, "model")
     seg = torch.tensor([0, N])
-    while not all(p.finished for p in r.particles):
+    while not all(done):
         step_logit = torch.zeros(N)
-        scored = torch.tensor([not p.finished for p in r.particles])
-        for i, p in enumerate(r.particles):
-            if not p.finished:
+        scored = torch.tensor([not d for d in done])
+        for i in range(N):
+            if not done[i]:
                 paths[i].append(rng.choices(STEPS, PROBS)[0])
-                p.finish_reason = "max_steps" if len(paths[i]) >= N_STEPS else None
+                done[i] = len(paths[i]) >= N_STEPS
                 s = min(max(prm_score(paths[i]), 1e-7), 1 - 1e-7)
                 step_logit[i] = float(np.clip(np.log(s / (1 - s)), -LOGIT_CLIP, LOGIT_CLIP))
-        r.running, r.log_w, _ = weigh(step_logit, r.running, scored, seg, "model", 1.0)
-        ancestors = plan(r)
+        r.aggregate, r.log_w, _ = weigh(step_logit, r.aggregate, scored, seg, "model", 1.0)
+        ancestors = plan(r, done)
         if ancestors is not None:
-            r.particles = [r.particles[a].copy() for a in ancestors]
+            done = [done[a] for a in ancestors]
             paths = [list(paths[a]) for a in ancestors]
-            r.running, r.log_w = r.running[ancestors], r.log_w[ancestors]
+            r.aggregate, r.log_w = r.aggregate[ancestors], r.log_w[ancestors]
     final = draw(r.log_w.exp(), N, "multinomial", r.generator)  # its_hub's extra resampling
     best = max(final, key=lambda i: float(r.log_w[i]))
     return "|".join(paths[best])

@@ -4,8 +4,9 @@ kernels type-check and lower on the GPU backend (no interpreter-only constructs,
 loop-carried types, constexpr use).
 
 The compilation runs in a subprocess without TRITON_INTERPRET (triton fixes the mode at import).
-Launch arguments are recorded from the public ``*_triton`` wrappers run on CPU tensors, so the
-compiled signatures are the ones the engine uses."""
+Launch arguments are recorded from the public ``*_triton`` wrappers run on CPU tensors, and from the
+decode step a CUDA graph captures (pfengine/cuda_graphs.py) at Qwen2.5-Math-1.5B's shape on the meta
+device, so the compiled signatures are the ones the engine uses."""
 import os
 import subprocess
 import sys
@@ -48,19 +49,39 @@ def _record_launches():
     copy_blocks.copy_blocks_triton(torch.zeros(2, 2, 4, 16, 2, 64, dtype=torch.bfloat16), torch.tensor([[0], [1]]))
     h = 64
     head = PRMHead(torch.randn(h, h), torch.randn(h), torch.randn(2, h), torch.randn(2))
+    prm_score.head_logit_triton(torch.randn(5, h), head)
     for agg, temp in (("model", 1.0), ("min", torch.ones(5)), ("prod", 0.7)):
-        prm_score.score_particles_triton(torch.randn(5, h), head, torch.zeros(5), torch.ones(5, dtype=torch.bool),
-                                         torch.tensor([0, 2, 5]), agg, temp)
+        prm_score.weigh_triton(torch.randn(5), torch.zeros(5), torch.ones(5, dtype=torch.bool),
+                               torch.tensor([0, 2, 5]), agg, temp)
     prm_score.weigh_triton(torch.randn(5), torch.zeros(5), torch.ones(5, dtype=torch.bool), torch.tensor([0, 5]),
                            "last", 1.0)
     for method in resample.METHODS:
         resample.resample_triton(torch.rand(6), torch.tensor([0, 2, 6]), torch.rand(6), method)
     resample.resample_triton(torch.rand(6), torch.tensor([0, 2, 6]), torch.rand(6), "systematic",
                              active=torch.ones(2, dtype=torch.bool))
-    fork.fork_triton(torch.zeros(4, 3, dtype=torch.int32), torch.zeros(4, dtype=torch.int64),
-                     torch.zeros(10, dtype=torch.int32), torch.zeros(10, dtype=torch.int32), torch.tensor([10]),
-                     torch.arange(3), torch.zeros(3, dtype=torch.int64), torch.ones(3, dtype=torch.bool), 4)
+    state = fork.BlockState(torch.zeros(4, 3, dtype=torch.int32), torch.zeros(4, dtype=torch.int64),
+                            torch.zeros(10, dtype=torch.int32), torch.zeros(10, dtype=torch.int32), torch.tensor([10]))
+    fork.fork_triton(state, torch.arange(3), torch.zeros(3, dtype=torch.int64), torch.ones(3, dtype=torch.bool), 4)
+    _record_decode_step()
     return launches
+
+
+def _record_decode_step():
+    """The bucketed decode forward's launches at Qwen2.5-Math-1.5B's shape, bf16 and fp32 caches, with
+    and without split-KV (buckets 1 and 64), through the dispatch CUDA tensors take."""
+    import torch
+
+    from kernel_paths import meta_batch, meta_decoder
+    from pfengine.cuda_graphs import StaticDecodeInputs
+    from pfengine.kernels import kv_store, paged_attention
+
+    kv_store.use_triton = paged_attention.use_triton = lambda t: True
+    inputs = StaticDecodeInputs(64, torch.device("meta"))
+    for kv_dtype in (torch.bfloat16, torch.float32):
+        decoder = meta_decoder(kv_dtype)
+        for n, size in ((1, 1), (40, 64)):
+            inputs.load(meta_batch(n), size)
+            decoder.forward(inputs.batch(size))
 
 
 def _compile(lj, args, kwargs, target):

@@ -1,4 +1,5 @@
-"""Fused PRM scoring (row epilogue + per-segment normalisation) vs its torch reference and numpy."""
+"""PRM scoring on its Triton path (the head's epilogue; weighing: row epilogue + per-segment
+normalisation) vs the torch reference and a numpy oracle."""
 import math
 
 import numpy as np  # noqa: E402
@@ -7,9 +8,10 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
+from kernel_device import on_device  # noqa: E402
 from pfengine.kernels.prm_score import (  # noqa: E402
-    LOGIT_CLIP, P_CLIP, PRMHead, _weigh_launch, initial_running, score_particles, score_particles_ref,
-    score_particles_triton, weigh, weigh_ref, weigh_triton)
+    LOGIT_CLIP, P_CLIP, PRMHead, head_logit, head_logit_ref, head_logit_triton, initial_running, weigh, weigh_ref,
+    weigh_triton)
 
 pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")]
 
@@ -79,8 +81,9 @@ def test_score_matches_reference_and_numpy(agg, per_row_temp):
     scored = torch.rand(m, generator=g) < 0.7
     seg_starts = torch.tensor([0, 4, 4, 5, 9])  # includes an empty and a single-particle segment
     temperature = torch.rand(m, generator=g) + 0.5 if per_row_temp else 0.8
-    ref = score_particles_ref(hidden, head, running, scored, seg_starts, agg, temperature)
-    got = score_particles_triton(hidden, head, running, scored, seg_starts, agg, temperature)
+    ref = weigh_ref(head_logit_ref(hidden, head), running, scored, seg_starts, agg, temperature)
+    got = on_device(weigh_triton)(on_device(head_logit_triton)(hidden, head), running, scored, seg_starts, agg,
+                                  temperature)
     oracle = _numpy_score(hidden, head, running, scored, seg_starts, agg, temperature)
     for a, b, o in zip(got, ref, oracle):
         assert a.dtype == torch.float32 and a.shape == b.shape
@@ -98,9 +101,9 @@ def test_chunked_paths():
     hidden, scored = torch.randn(m, h, generator=g), torch.ones(m, dtype=torch.bool)
     running = _running(m, "prod", g)
     seg_starts = torch.tensor([0, 37, 40])
-    ref = score_particles_ref(hidden, head, running, scored, seg_starts, "prod", 1.0)
-    pre = torch.matmul(hidden, head.w1.T)
-    got = _weigh_launch(pre, head, running, scored, seg_starts, "prod", 1.0, block_m=16, block_h=32, block_seg=16)
+    ref = weigh_ref(head_logit_ref(hidden, head), running, scored, seg_starts, "prod", 1.0)
+    step = on_device(head_logit_triton)(hidden, head, block_m=16, block_h=32)
+    got = on_device(weigh_triton)(step, running, scored, seg_starts, "prod", 1.0, block_m=16, block_seg=16)
     for a, b in zip(got, ref):
         _close(a, b)
 
@@ -116,7 +119,7 @@ def test_weigh_from_step_logits(agg):
     scored = torch.tensor([1, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
     seg_starts = torch.tensor([0, 3, 7])
     ref = weigh_ref(step, running, scored, seg_starts, agg, torch.full((m,), 1.5))
-    got = weigh_triton(step, running, scored, seg_starts, agg, torch.full((m,), 1.5))
+    got = on_device(weigh_triton)(step, running, scored, seg_starts, agg, torch.full((m,), 1.5))
     for a, b in zip(got, ref):
         _close(a, b)
 
@@ -127,17 +130,18 @@ def test_all_weight_on_one_particle_and_empty_batch():
     step[3] = LOGIT_CLIP
     running, scored = initial_running(m, "last"), torch.ones(m, dtype=torch.bool)
     seg_starts = torch.tensor([0, m])
-    _, log_w, ess = weigh(step, running, scored, seg_starts, "last", 1.0)
+    _, log_w, ess = on_device(weigh)(step, running, scored, seg_starts, "last", 1.0)
     _, ref_w, ref_ess = weigh_ref(step, running, scored, seg_starts, "last", 1.0)
     _close(log_w, ref_w)
     assert log_w[3] == 0.0 and bool((log_w.exp()[[0, 1, 2, 4]] < 1e-12).all())
     assert abs(float(ess[0]) - 1.0) < 1e-6 and abs(float(ref_ess[0]) - 1.0) < 1e-6
 
     head = _head(8, seed=1)
-    empty = score_particles(torch.zeros(0, 8), head, torch.zeros(0), torch.zeros(0, dtype=torch.bool),
-                            torch.tensor([0, 0]), "model", 1.0)
-    ref = score_particles_ref(torch.zeros(0, 8), head, torch.zeros(0), torch.zeros(0, dtype=torch.bool),
-                              torch.tensor([0, 0]), "model", 1.0)
+    assert on_device(head_logit)(torch.zeros(0, 8), head).shape == (0,)
+    empty = on_device(weigh)(torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.tensor([0, 0]),
+                             "model", 1.0)
+    ref = weigh_ref(torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.tensor([0, 0]), "model",
+                    1.0)
     assert empty[0].shape == (0,) and empty[1].shape == (0,)
     assert torch.equal(empty[2], ref[2]) and empty[2][0] == math.inf
 
@@ -145,10 +149,11 @@ def test_all_weight_on_one_particle_and_empty_batch():
 def test_unknown_aggregation_and_profiler_ranges():
     head = _head(16, seed=2)
     hidden = torch.randn(3, 16)
-    args = (hidden, head, torch.zeros(3), torch.ones(3, dtype=torch.bool), torch.tensor([0, 3]))
+    args = (torch.zeros(3), torch.ones(3, dtype=torch.bool), torch.tensor([0, 3]))
     with pytest.raises(ValueError):
-        score_particles(*args, "mean", 1.0)
+        on_device(weigh)(on_device(head_logit)(hidden, head), *args, "mean", 1.0)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        score_particles(*args, "min", 1.0)
+        on_device(weigh)(on_device(head_logit)(hidden, head), *args, "min", 1.0)
     names = {e.name for e in prof.events()}
-    assert {"pfengine::prm_head_gemm", "pfengine::prm_score_rows", "pfengine::prm_normalise"} <= names
+    assert {"pfengine::prm_head_gemm", "pfengine::prm_head_epilogue", "pfengine::prm_score_rows",
+            "pfengine::prm_normalise"} <= names

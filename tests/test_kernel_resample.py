@@ -10,6 +10,7 @@ import torch
 
 from kernel_cases import (W8, check_resample, check_resample_active_single_and_empty, check_resample_degenerate,
                           replicate_ancestors, segments)
+from kernel_device import on_device
 from pfengine.kernels.resample import METHODS, resample, resample_ref, resample_triton
 
 pytest.importorskip("triton")
@@ -23,22 +24,22 @@ ALPHA_Z = 3.090  # standard normal quantile at 1 - 0.001: every chi-square test 
 @pytest.mark.parametrize("sizes,block", [([5, 0, 1, 24], None), ([5, 0, 1, 24], 16), ([3, 40], 16)])
 def test_matches_reference_and_numpy(method, sizes, block):
     w, seg, u = segments(sizes, seed=len(sizes) * 7 + (block or 0))
-    check_resample(partial(resample_triton, block=block), method, w, seg, u)
+    check_resample(on_device(partial(resample_triton, block=block)), method, w, seg, u)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_all_weight_on_one_particle_zero_weights_and_extreme_uniforms(method):
-    check_resample_degenerate(resample, method)
+    check_resample_degenerate(on_device(resample), method)
 
 
 def test_active_mask_single_particle_and_empty():
-    check_resample_active_single_and_empty(resample)
+    check_resample_active_single_and_empty(on_device(resample))
 
 
 def test_profiler_range():
     w, seg, u = segments([4], seed=6)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        resample(w, seg, u, "multinomial")
+        on_device(resample)(w, seg, u, "multinomial")
     assert "pfengine::resample" in {e.name for e in prof.events()}
 
 
@@ -86,7 +87,7 @@ def test_mean_offspring_is_n_times_weight(method):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_kernel_statistics_small(method):
     """The kernel on fewer replicates: identical draws to the reference, and unbiased on its own."""
-    counts = _replicates(resample_triton, method, reps=100, seed=300 + METHODS[method])
+    counts = _replicates(on_device(resample_triton), method, reps=100, seed=300 + METHODS[method])
     assert np.array_equal(counts, _replicates(resample_ref, method, reps=100, seed=300 + METHODS[method]))
     stat, df = _unbiasedness_statistic(counts, W8)
     assert stat < _chi2_quantile(df), f"{method}: chi2={stat:.1f} on {df} df"

@@ -5,7 +5,6 @@ door, a PRM that raises for some prompts, and engine faults injected into the de
 import threading
 
 import pytest
-import torch
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
@@ -113,8 +112,7 @@ class EngineMachine(RuleBasedStateMachine):
     @invariant()
     def caches_and_rows_are_consistent(self) -> None:
         s = self.engine.scheduler
-        for runner in self.engine.runners:
-            runner.blocks.check_invariants()
+        self.engine.caches.check_invariants()
         held = [row for r in s.running for row in r.all_rows]
         assert sorted(held + s.free_rows) == list(range(self.engine.config.max_particles))
         if not s.running:
@@ -129,15 +127,6 @@ class EngineMachine(RuleBasedStateMachine):
         assert not self.engine.has_work, f"stuck: {len(self.engine.waiting)} waiting, {len(self.engine.running)} running"
         assert set(self.added) == set(self.ended), "a request ended with neither a result nor an error"
         assert self.engine.stats()["policy_blocks_in_use"] == 0
-
-
-@pytest.fixture()
-def one_thread():
-    """The tiny model's steps are Python-bound: a second torch thread only spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

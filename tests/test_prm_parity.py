@@ -6,6 +6,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from pfengine import Engine, EngineConfig, PRMConfig, SearchParams, Request, SamplingParams
 from pfengine.model.checkpoint import CheckpointError
+from pfengine.prm import load_value_head
 
 
 def head_prob(hidden: torch.Tensor, t: dict[str, torch.Tensor]) -> float:
@@ -94,6 +95,12 @@ def test_value_head_scores_equal_policy_hidden_state(policy_dir, value_head_file
         assert p.score == pytest.approx(head_prob(hidden, head), abs=1e-4)
 
 
+def test_value_head_is_loaded_on_the_policys_device(value_head_file):
+    """The head reads the policy's hidden states where they are (meta stands for a GPU here)."""
+    head = load_value_head(value_head_file, 64, "meta")
+    assert {t.device.type for t in (head.w1, head.b1, head.w2, head.b2)} == {"meta"}
+
+
 def test_prm_reads_each_step_in_one_extend_and_siblings_fork_mid_step(policy_dir, prm_dir):
     """Low temperature: siblings often sample the same token, so the PRM catches up on the shared
     tokens before they fork mid-step. The PRM never runs a per-token decode, reads each distinct token
@@ -107,9 +114,9 @@ def test_prm_reads_each_step_in_one_extend_and_siblings_fork_mid_step(policy_dir
         calls["decode"] += 1
         return decode(*a, **k)
 
-    def count_extend(rows, token_lists):
+    def count_extend(rows, token_lists, **kw):
         calls["extend_rows"].append(len(rows))
-        return extend(rows, token_lists)
+        return extend(rows, token_lists, **kw)
 
     def count_catch_up(rows, pending):
         calls["catch_up"] += 1

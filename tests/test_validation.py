@@ -17,7 +17,7 @@ REQUEST_CASES = [
     ("prompt too long", lambda: Request(prompt="7 + 8 = 15. " * 40), ValueError,
      "prompt: .* does not fit EngineConfig.max_model_len=96"),
     ("too many particles", lambda: Request(prompt="hi", search=SearchParams(n_particles=64)), ValueError,
-     "n_particles: 64 particles need 66 cache rows; EngineConfig.max_particles is 32"),
+     "n_particles: 64 particles need 65 cache rows; EngineConfig.max_particles is 32"),
     ("needs a PRM", None, ValueError, "method: 'particle_filter' needs a PRM"),
 ]
 PARAM_CASES = [
@@ -36,6 +36,8 @@ PARAM_CASES = [
     ("bad block size", lambda: EngineConfig(model="x", block_size=12), ValueError,
      "block_size: must be a positive power of two"),
     ("bad kv dtype", lambda: EngineConfig(model="x", kv_dtype="int8"), ValueError, "kv_dtype: must be one of"),
+    ("cuda_graphs not a bool", lambda: EngineConfig(model="x", cuda_graphs="no"), TypeError,
+     "cuda_graphs: expected true or false, got 'no'"),
 ]
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from pfengine.kernels.fork import fork as fork_kernel
+from pfengine.kernels import cdiv
+from pfengine.kernels.fork import BlockState, fork as fork_kernel, must_copy
 
 
 class OutOfBlocks(RuntimeError):
@@ -39,29 +40,37 @@ class BlockManager:
         """Upper bound on the blocks :meth:`reserve` takes: new blocks plus one COW copy per row."""
         rows, n_new = rows.to(self.device), torch.as_tensor(n_new, device=self.device)
         start = self.lens[rows]
-        grow = ceil_div(start + n_new, self.block_size) - ceil_div(start, self.block_size)
+        grow = cdiv(start + n_new, self.block_size) - cdiv(start, self.block_size)
         partial = (start % self.block_size != 0) & (n_new > 0)
         return int(grow.sum() + partial.sum())
 
-    def reserve(self, rows: torch.Tensor, n_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Make room for ``n_new[i]`` more tokens in ``rows[i]``.
+    def reserve(self, rows: torch.Tensor, n_new: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make room for ``n_new[i]`` more tokens in ``rows[i]`` (``n_new=1``: one token each, the
+        decode step's case, computed without per-token expansion).
 
         Returns the slot of every new token (row-major, ``block * B + offset``) and the ``[2, P]``
         (src, dst) block pairs the caller must copy first: a shared, partially filled last block is
         copied for every writer but one (none if a reader outside ``rows`` still holds it).
         """
         rows = rows.to(self.device)
-        assert rows.numel() == rows.unique().numel(), "reserve: rows must be distinct"
         B = self.block_size
-        n_new = n_new.to(self.device, torch.int64).expand(rows.shape)
+        one = isinstance(n_new, int) and n_new == 1
+        n_new = torch.ones_like(rows) if one else torch.as_tensor(n_new, device=self.device).long().expand(rows.shape)
         start = self.lens[rows]
         end = start + n_new
-        first_new, last_new = ceil_div(start, B), ceil_div(end, B)
-        assert rows.numel() == 0 or int(last_new.max()) <= self.tables.shape[1], "reserve: row longer than max_blocks_per_row"
-
+        assert rows.numel() == 0 or int(cdiv(end.max(), B)) <= self.tables.shape[1], \
+            "reserve: row longer than max_blocks_per_row"
+        assert rows.numel() == rows.unique().numel(), "reserve: rows must be distinct"
+        if one:
+            grow = start % B == 0
+            grow_rows, grow_cols = rows[grow], start[grow] // B
+        else:
+            first_new = cdiv(start, B)
+            n_fresh = cdiv(end, B) - first_new
+            grow_rows = rows.repeat_interleave(n_fresh)
+            grow_cols = first_new.repeat_interleave(n_fresh) + _segment_arange(n_fresh)
         cow_rows, cow_src = self._cow_writers(rows, start, n_new)
-        n_fresh = last_new - first_new
-        needed = int(n_fresh.sum()) + cow_rows.numel()
+        needed = grow_rows.numel() + cow_rows.numel()
         if needed > self.num_free:
             raise OutOfBlocks(needed, self.num_free)
         fresh = self._pop(needed)
@@ -70,14 +79,14 @@ class BlockManager:
         self.tables[cow_rows, (self.lens[cow_rows] // B)] = cow_dst
         self.ref_counts.index_add_(0, cow_src.long(), torch.full_like(cow_src, -1))
         self.ref_counts[cow_dst.long()] = 1
-
-        grow_rows = rows.repeat_interleave(n_fresh)
-        grow_cols = first_new.repeat_interleave(n_fresh) + _segment_arange(n_fresh)
         self.tables[grow_rows, grow_cols] = fresh
         self.ref_counts[fresh.long()] = 1
 
-        tok_rows = rows.repeat_interleave(n_new)
-        pos = start.repeat_interleave(n_new) + _segment_arange(n_new)
+        if one:
+            tok_rows, pos = rows, start
+        else:
+            tok_rows = rows.repeat_interleave(n_new)
+            pos = start.repeat_interleave(n_new) + _segment_arange(n_new)
         slots = self.tables[tok_rows, pos // B].long() * B + pos % B
         self.lens[rows] = end
         return slots, torch.stack([cow_src, cow_dst]).long()
@@ -93,13 +102,8 @@ class BlockManager:
         w_rows, blocks = w_rows[shared], blocks[shared]
         if blocks.numel() == 0:
             return w_rows, blocks
-        uniq, inverse, writers = blocks.unique(return_inverse=True, return_counts=True)
-        order = torch.arange(blocks.numel(), device=blocks.device)
-        first = torch.full_like(uniq, blocks.numel(), dtype=torch.int64).scatter_reduce(
-            0, inverse, order, reduce="amin")
-        # When every holder of a block writes now, the first writer keeps it in place.
-        keeps = (order == first[inverse]) & (self.ref_counts[blocks.long()] == writers[inverse])
-        return w_rows[~keeps], blocks[~keeps]
+        copy = must_copy(blocks, self.ref_counts)
+        return w_rows[copy], blocks[copy]
 
     def assign(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Make each ``dst[i]`` a copy of ``src[i]`` (a fork; rows may overlap, as in resampling).
@@ -119,8 +123,9 @@ class BlockManager:
         Returns the ``[2, P]`` (src, dst) pairs to copy (-1 padded); copies it could not get
         blocks for are left to :meth:`reserve`, which copies lazily or raises."""
         num_free = torch.tensor([self.num_free], dtype=torch.int64, device=self.device)
-        result = fork_kernel(self.tables, self.lens, self.ref_counts, self.free_stack, num_free,
-                             rows.to(self.device), ancestors.to(self.device), writes.to(self.device), self.block_size)
+        state = BlockState(self.tables, self.lens, self.ref_counts, self.free_stack, num_free)
+        result = fork_kernel(state, rows.to(self.device), ancestors.to(self.device), writes.to(self.device),
+                             self.block_size)
         self.num_free = int(num_free)
         return result.cow_pairs
 
@@ -136,7 +141,7 @@ class BlockManager:
         new_lens = self.lens[rows] - n
         assert bool((new_lens >= 0).all()), "truncate: more tokens than the row holds"
         cols = torch.arange(self.tables.shape[1], device=rows.device)
-        drop = cols[None, :] >= ceil_div(new_lens, self.block_size)[:, None]
+        drop = cols[None, :] >= cdiv(new_lens, self.block_size)[:, None]
         tables = self.tables[rows]
         self._release(tables[drop])
         self.tables[rows] = tables.masked_fill(drop, -1)
@@ -166,13 +171,8 @@ class BlockManager:
         assert bool((self.ref_counts[free] == 0).all()), "a referenced block is on the free stack"
         assert self.num_free + int((self.ref_counts > 0).sum()) == self.num_blocks, "a block leaked"
         cols = torch.arange(self.tables.shape[1], device=self.tables.device)
-        covered = cols[None, :] < ceil_div(self.lens, self.block_size)[:, None]
+        covered = cols[None, :] < cdiv(self.lens, self.block_size)[:, None]
         assert torch.equal(covered, self.tables >= 0), "a block table does not cover its row's length"
-
-
-def ceil_div(a, b: int):
-    """``ceil(a / b)`` for non-negative ints or integer tensors."""
-    return (a + b - 1) // b
 
 
 def _segment_arange(counts: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,12 @@ CPU tensors not on the Triton path take the C++ kernels of ``pfengine._cpp`` (bu
 the torch reference. Which CPU path runs is logged once (logger ``pfengine``). With both
 ``PFENGINE_TRITON=0`` and ``PFENGINE_CPP=0`` every kernel is its torch reference.
 
+The C++ kernels have code for three instruction sets (:func:`cpu_isa`): ``avx512`` (AVX-512F),
+``avx2`` (AVX2 + FMA + F16C) and ``portable``; the best one the CPU runs is used unless
+``PFENGINE_CPU_ISA`` names another (one the CPU runs), so that the AVX2 and portable code can be
+tested and timed on an AVX-512 machine. Linear layers pack their weights for the instruction set in
+force when the model loads and keep running that code.
+
 Triton is an optional extra: it is imported only when a kernel is first launched (:class:`lazy_jit`),
 so the package imports without it, and whether a kernel is compiled or interpreted is decided by
 ``TRITON_INTERPRET`` at first launch rather than at import time.
@@ -18,14 +24,16 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from contextlib import nullcontext
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager, TypeVar
 
 import torch
 
-__all__ = ["use_triton", "use_cpp", "cpp_ops", "profiled", "lazy_jit", "next_pow2", "cdiv", "triton_available"]
+__all__ = ["use_triton", "use_cpp", "cpp_ops", "cpu_isa", "CPU_ISAS", "profiled", "lazy_jit", "next_pow2", "cdiv", "triton_available"]
 
 log = logging.getLogger("pfengine")
+IntLike = TypeVar("IntLike", int, torch.Tensor)
 
 _TRITON_AVAILABLE: bool | None = None
 
@@ -70,7 +78,7 @@ def cpp_ops() -> ModuleType | None:
             _CPP_PATH = f"torch reference (C++ extension not importable: {e or type(e).__name__})"
         else:
             _CPP_MODULE = _cpp
-            _CPP_PATH = f"C++ extension (pfengine._cpp, {_cpp.isa()} attention)"
+            _CPP_PATH = f"C++ extension (pfengine._cpp; this CPU runs its {', '.join(_cpp.cpu_isas())} code)"
     if _CPP_PATH not in _CPP_LOGGED:
         _log_cpu_path(_CPP_PATH)
     return _CPP_MODULE
@@ -93,12 +101,47 @@ def use_cpp(t: torch.Tensor) -> bool:
     return cpp_ops() is not None
 
 
-def profiled(name: str) -> torch.profiler.record_function:
-    """A named profiler range ``pfengine::<name>`` around a kernel launch."""
-    return torch.profiler.record_function(f"pfengine::{name}")
+CPU_ISAS = ("avx512", "avx2", "portable")
+"""The C++ kernels' instruction sets, best first."""
+_ISA_CHOICE: tuple[str | None, str] | None = None
+"""(PFENGINE_CPU_ISA as last read, the instruction set it resolved to)."""
 
 
-def cdiv(a: int, b: int) -> int:
+def cpu_isa() -> str:
+    """The instruction set the C++ kernels run now: ``PFENGINE_CPU_ISA`` when set (it must be one of
+    :data:`CPU_ISAS` that this CPU runs), else the best this CPU runs. Needs the C++ extension."""
+    global _ISA_CHOICE
+    forced = os.environ.get("PFENGINE_CPU_ISA") or None
+    if _ISA_CHOICE is None or _ISA_CHOICE[0] != forced:
+        _ISA_CHOICE = (forced, _resolve_isa(forced))
+        _log_cpu_path(f"C++ kernels run the {_ISA_CHOICE[1]} code"
+                      + (" (PFENGINE_CPU_ISA)" if forced else f" (this CPU runs {', '.join(cpp_ops().cpu_isas())})"))
+    return _ISA_CHOICE[1]
+
+
+def _resolve_isa(forced: str | None) -> str:
+    ops = cpp_ops()
+    assert ops is not None, "cpu_isa() needs the C++ extension pfengine._cpp"
+    runs = ops.cpu_isas()
+    if forced is None:
+        return runs[0]
+    if forced not in CPU_ISAS:
+        raise ValueError(f"PFENGINE_CPU_ISA={forced!r}: expected one of {', '.join(CPU_ISAS)}")
+    if forced not in runs:
+        raise ValueError(f"PFENGINE_CPU_ISA={forced}: this CPU cannot run that code (it runs {', '.join(runs)})")
+    return forced
+
+
+def profiled(name: str) -> ContextManager[Any]:
+    """A named profiler range ``pfengine::<name>`` around a kernel launch while a profiler runs (a range
+    costs ~5 us even with no profiler, more than some decode-step kernels take)."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function(f"pfengine::{name}")
+    return nullcontext()
+
+
+def cdiv(a: IntLike, b: int) -> IntLike:
+    """``ceil(a / b)`` for non-negative ints or integer tensors."""
     return (a + b - 1) // b
 
 

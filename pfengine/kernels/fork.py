@@ -22,6 +22,16 @@ from pfengine.kernels import cdiv, cpp_ops, lazy_jit, next_pow2, profiled, use_c
 tl = None  # triton.language, bound by lazy_jit when a kernel is first launched
 
 
+class BlockState(NamedTuple):
+    """The block manager's tensors, as the fork kernels take (and update in place) them."""
+
+    tables: torch.Tensor
+    lens: torch.Tensor
+    ref_counts: torch.Tensor
+    free_stack: torch.Tensor
+    num_free: torch.Tensor
+
+
 class ForkResult(NamedTuple):
     cow_pairs: torch.Tensor
     """``[2, M] int64``: the first ``num_cow`` columns are (src, dst) block pairs to copy before the
@@ -34,35 +44,32 @@ class ForkResult(NamedTuple):
     and raise ``OutOfBlocks``)."""
 
 
-def fork(tables: torch.Tensor, lens: torch.Tensor, ref_counts: torch.Tensor, free_stack: torch.Tensor,
-         num_free: torch.Tensor, rows: torch.Tensor, ancestors: torch.Tensor, writes: torch.Tensor,
+def fork(state: BlockState, rows: torch.Tensor, ancestors: torch.Tensor, writes: torch.Tensor,
          block_size: int) -> ForkResult:
     """Child ``i`` (row ``rows[i]``, distinct rows) becomes a copy of row ``rows[ancestors[i]]``;
     ``writes[i]`` marks the children that append next (only they get a private copy of a shared,
     partially filled last block). Updates the state tensors in place."""
-    if use_triton(tables):
-        return fork_triton(tables, lens, ref_counts, free_stack, num_free, rows, ancestors, writes, block_size)
-    if use_cpp(tables) and _cpp_layout(tables, lens, ref_counts, free_stack, num_free):
-        return fork_cpp(tables, lens, ref_counts, free_stack, num_free, rows, ancestors, writes, block_size)
-    return fork_ref(tables, lens, ref_counts, free_stack, num_free, rows, ancestors, writes, block_size)
+    if use_triton(state.tables):
+        return fork_triton(state, rows, ancestors, writes, block_size)
+    if use_cpp(state.tables) and _cpp_layout(state):
+        return fork_cpp(state, rows, ancestors, writes, block_size)
+    return fork_ref(state, rows, ancestors, writes, block_size)
 
 
-def _cpp_layout(tables: torch.Tensor, lens: torch.Tensor, ref_counts: torch.Tensor, free_stack: torch.Tensor,
-                num_free: torch.Tensor) -> bool:
+def _cpp_layout(state: BlockState) -> bool:
     """The block manager's dtypes, which the C++ kernel takes (anything else runs the reference)."""
+    tables, lens, ref_counts, free_stack, num_free = state
     return (tables.dtype == torch.int32 and lens.dtype == torch.int64 and ref_counts.dtype == torch.int32
             and free_stack.dtype == torch.int32 and num_free.dtype == torch.int64
             and ref_counts.is_contiguous() and free_stack.is_contiguous())
 
 
-def fork_cpp(tables: torch.Tensor, lens: torch.Tensor, ref_counts: torch.Tensor, free_stack: torch.Tensor,
-             num_free: torch.Tensor, rows: torch.Tensor, ancestors: torch.Tensor, writes: torch.Tensor,
+def fork_cpp(state: BlockState, rows: torch.Tensor, ancestors: torch.Tensor, writes: torch.Tensor,
              block_size: int) -> ForkResult:
     """C++ CPU kernel (``csrc/cache_ops.cpp``): :func:`fork_ref` as one sequential pass over the
     children (same tables, refcounts, free stack and pairs)."""
     with profiled("fork"):
-        return ForkResult(*cpp_ops().fork(tables, lens, ref_counts, free_stack, num_free, rows, ancestors, writes,
-                                          int(block_size)))
+        return ForkResult(*cpp_ops().fork(*state, rows, ancestors, writes, int(block_size)))
 
 
 def _empty_result(m: int, dev: torch.device) -> ForkResult:
@@ -71,9 +78,9 @@ def _empty_result(m: int, dev: torch.device) -> ForkResult:
                       torch.zeros(1, dtype=torch.int64, device=dev), torch.zeros(1, dtype=torch.int64, device=dev))
 
 
-def fork_ref(tables: torch.Tensor, lens: torch.Tensor, ref_counts: torch.Tensor, free_stack: torch.Tensor,
-             num_free: torch.Tensor, rows: torch.Tensor, ancestors: torch.Tensor, writes: torch.Tensor,
+def fork_ref(state: BlockState, rows: torch.Tensor, ancestors: torch.Tensor, writes: torch.Tensor,
              block_size: int) -> ForkResult:
+    tables, lens, ref_counts, free_stack, num_free = state
     B = block_size
     dev = tables.device
     m = rows.numel()
@@ -104,12 +111,8 @@ def fork_ref(tables: torch.Tensor, lens: torch.Tensor, ref_counts: torch.Tensor,
     partial = writes.bool() & (new_lens % B != 0)
     blk = torch.where(partial, new_tables[idx, cols.clamp(max=tables.shape[1] - 1)].long(), -1)
     cand = partial & (ref_counts[blk.clamp(min=0)] > 1)
-    writers = torch.zeros_like(ref_counts).index_add_(0, blk[cand], torch.ones_like(blk[cand], dtype=ref_counts.dtype))
-    first = torch.full(ref_counts.shape, m, dtype=torch.int64, device=dev).scatter_reduce_(
-        0, blk[cand], idx[cand], reduce="amin")
-    b = blk.clamp(min=0)
-    keep = cand & (first[b] == idx) & (ref_counts[b] == writers[b])
-    cow = cand & ~keep
+    cow = cand.clone()
+    cow[cand] = must_copy(blk[cand], ref_counts)
     n = int(cow.sum())
     if n > nf:
         missing[0] = n - nf
@@ -126,8 +129,18 @@ def fork_ref(tables: torch.Tensor, lens: torch.Tensor, ref_counts: torch.Tensor,
     return ForkResult(pairs, num_cow, missing)
 
 
-def fork_triton(tables: torch.Tensor, lens: torch.Tensor, ref_counts: torch.Tensor, free_stack: torch.Tensor,
-                num_free: torch.Tensor, rows: torch.Tensor, ancestors: torch.Tensor, writes: torch.Tensor,
+def must_copy(blocks: torch.Tensor, ref_counts: torch.Tensor) -> torch.Tensor:
+    """Writers of shared, partially filled blocks (``blocks[i]``, in writer order): which of them
+    copy before writing. When every holder of a block writes now, the first writer keeps it in
+    place; every other writer copies."""
+    uniq, inverse, writers = blocks.unique(return_inverse=True, return_counts=True)
+    order = torch.arange(blocks.numel(), device=blocks.device)
+    first = torch.full_like(uniq, blocks.numel(), dtype=torch.int64).scatter_reduce(0, inverse, order, reduce="amin")
+    keeps = (order == first[inverse]) & (ref_counts[blocks.long()] == writers[inverse])
+    return ~keeps
+
+
+def fork_triton(state: BlockState, rows: torch.Tensor, ancestors: torch.Tensor, writes: torch.Tensor,
                 block_size: int, *, block_w: int | None = None, block_m: int | None = None,
                 block_nb: int | None = None) -> ForkResult:
     """Five launches, ordered on the stream, none waiting on the host:
@@ -142,6 +155,7 @@ def fork_triton(tables: torch.Tensor, lens: torch.Tensor, ref_counts: torch.Tens
        stack holds enough blocks, update ``num_free``;
     5. ``(cdiv(M, BLOCK_M),)`` pop the destinations, repoint the tables, fix refcounts, emit pairs.
     """
+    tables, lens, ref_counts, free_stack, num_free = state
     dev = tables.device
     m = rows.numel()
     pairs, num_cow, missing = _empty_result(m, dev)

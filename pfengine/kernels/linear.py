@@ -5,11 +5,13 @@ must not depend on the batch. CPU BLAS breaks that: it picks other code paths (a
 rounding) for very small row counts; on this machine F.linear differs at the last bit for 1-3, 5-7
 and 9-11 rows but agrees for 4, 8 and >= 12. Two row-invariant CPU paths:
 
-- C++ (``pfengine._cpp.packed_linear``, csrc/linear.cpp; fp32 on CPUs with AVX-512F): the weight is
-  packed into column panels once, when the model loads (:func:`prepare`), and every output is one
-  FMA chain over the inputs in order. For decode-sized batches it is also several times faster
-  than MKL, whose skinny-GEMM code runs far below memory bandwidth here.
-- torch reference: F.linear with small batches padded to ``MIN_ROWS`` rows.
+- C++ (``pfengine._cpp.packed_linear``, csrc/linear.cpp; fp32 CPU weights): the weight is packed into
+  column panels once, when the model loads (:func:`prepare`), for the instruction set in force then
+  (:func:`pfengine.kernels.cpu_isa`: AVX-512F, AVX2 + FMA or portable code), and every output is one
+  multiply-add chain over the inputs in order. For decode-sized batches it is also several times
+  faster than MKL, whose skinny-GEMM code runs far below memory bandwidth.
+- torch reference (``PFENGINE_CPP=0``, other dtypes): F.linear with small batches padded to
+  ``MIN_ROWS`` rows.
 
 On CUDA both are F.linear (cuBLAS); there is no Triton kernel for plain GEMMs.
 """
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pfengine.kernels import cpp_ops, use_cpp
+from pfengine.kernels import cpp_ops, cpu_isa, profiled, use_cpp
 
 MIN_ROWS = 12
 
@@ -28,24 +30,26 @@ MIN_ROWS = 12
 @dataclass(frozen=True)
 class Weight:
     """A linear layer's weight ``[out_features, in_features]`` in the form its path wants: the tensor
-    itself, or (C++ path) only its packed panels."""
+    itself, or (C++ path) only its panels packed for the instruction set ``isa``."""
 
     tensor: torch.Tensor | None
     packed: torch.Tensor | None
     out_features: int
+    isa: str | None = None
 
 
 def prepare(weight: torch.Tensor) -> Weight:
     """Pack ``weight`` for the C++ kernel when it runs here (decided once, at load), else keep it."""
-    ops = cpp_ops() if weight.dtype == torch.float32 and use_cpp(weight) else None
-    if ops is not None and ops.has_packed_linear():
-        return Weight(None, ops.pack_linear(weight), weight.shape[0])
+    if weight.dtype == torch.float32 and use_cpp(weight):
+        isa = cpu_isa()
+        return Weight(None, cpp_ops().pack_linear(weight, isa), weight.shape[0], isa)
     return Weight(weight, None, weight.shape[0])
 
 
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     if weight.packed is not None:
-        return cpp_ops().packed_linear(x, weight.packed, weight.out_features, bias)
+        with profiled("linear"):
+            return cpp_ops().packed_linear(x, weight.packed, weight.out_features, bias, weight.isa)
     return linear_ref(x, weight.tensor, bias)
 
 

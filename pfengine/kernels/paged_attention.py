@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pfengine.kernels import cdiv, cpp_ops, lazy_jit, next_pow2, profiled, use_cpp, use_triton
+from pfengine.kernels import cdiv, cpp_ops, cpu_isa, lazy_jit, next_pow2, profiled, use_cpp, use_triton
 
 tl = None  # triton.language, bound by lazy_jit when a kernel is first launched
 
@@ -42,10 +42,11 @@ def paged_decode_attention_cpp(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     """C++ CPU kernel (``csrc/paged_attention.cpp``): reads each particle's blocks in place through its
     table row (no gather copy); a task is a particle (or some of its kv heads when particles are too
     few for the threads), each kv head serving its GQA group; online softmax in fp32 over fp32 / bf16
-    / fp16 storage; AVX2+FMA code where the CPU has it. The split-KV arguments are accepted and
-    ignored (each CPU thread already holds many tasks)."""
+    / fp16 storage; AVX2+FMA code unless :func:`pfengine.kernels.cpu_isa` is ``portable``. The split-KV
+    arguments are accepted and ignored (each CPU thread already holds many tasks)."""
     with profiled("paged_attention"):
-        return cpp_ops().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, float(scale))
+        return cpp_ops().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, float(scale),
+                                                cpu_isa())
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

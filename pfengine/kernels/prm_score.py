@@ -1,4 +1,5 @@
-"""PRM scoring: head on step-end hidden states -> logit -> aggregate -> tempered, normalised weights + ESS."""
+"""PRM scoring: the value head on step-end hidden states -> step logit (:func:`head_logit`), and
+step logits -> aggregate -> tempered weights normalised per request -> ESS (:func:`weigh`)."""
 from __future__ import annotations
 
 import math
@@ -29,35 +30,33 @@ class PRMHead:
     def __post_init__(self) -> None:
         self.w1_prepared = prepare(self.w1.float())
 
+    @staticmethod
+    def shapes(hidden_size: int, prefix: str = "score.") -> dict[str, tuple[int, ...]]:
+        """The head's tensors as a Qwen2.5-Math-PRM checkpoint (or a value-head file) names them."""
+        H = hidden_size
+        return {prefix + "0.weight": (H, H), prefix + "0.bias": (H,), prefix + "2.weight": (2, H), prefix + "2.bias": (2,)}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], prefix: str = "score.") -> PRMHead:
+        return cls(t[prefix + "0.weight"], t[prefix + "0.bias"], t[prefix + "2.weight"], t[prefix + "2.bias"])
+
 
 def initial_running(n: int, aggregation: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """Aggregate before any step: ``min`` starts at the top, everything else at 0."""
     return torch.full((n,), LOGIT_CLIP if aggregation == "min" else 0.0, device=device)
 
 
-def score_particles(hidden: torch.Tensor, head: PRMHead, running: torch.Tensor, scored: torch.Tensor,
-                    seg_starts: torch.Tensor, aggregation: str, temperature: float | torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused path for hidden-state PRMs: ``hidden [M, H]`` holds each particle's step-end state;
-    rows where ``scored`` is False (frozen particles) keep their running aggregate.
-
-    Returns ``(running [M], log_w [M] normalised per segment, ess [R])``; nothing here reads a
-    value back to the host on the Triton path."""
-    if use_triton(hidden):
-        return score_particles_triton(hidden, head, running, scored, seg_starts, aggregation, temperature)
-    return score_particles_ref(hidden, head, running, scored, seg_starts, aggregation, temperature)
-
-
-def score_particles_ref(hidden: torch.Tensor, head: PRMHead, running: torch.Tensor, scored: torch.Tensor,
-                        seg_starts: torch.Tensor, aggregation: str, temperature: float | torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return weigh_ref(head_logit(hidden, head), running, scored, seg_starts, aggregation, temperature)
-
-
 def head_logit(hidden: torch.Tensor, head: PRMHead) -> torch.Tensor:
-    """logit(p_correct) = l1 - l0, clipped as the paper clips p to [1e-7, 1 - 1e-7].
+    """logit(p_correct) = l1 - l0 of the head on ``hidden [M, H]``, clipped as the paper clips p
+    to [1e-7, 1 - 1e-7]."""
+    if use_triton(hidden):
+        return head_logit_triton(hidden, head)
+    return head_logit_ref(hidden, head)
 
-    Row-invariant (a particle's score does not depend on the batch it is scored in): the H x H
+
+def head_logit_ref(hidden: torch.Tensor, head: PRMHead) -> torch.Tensor:
+    """Row-invariant (a particle's score does not depend on the batch it is scored in): the H x H
+
     layer is the row-invariant linear, and the two output logits are per-row dot products (BLAS
     rounds a 2-column GEMM differently for different row counts)."""
     h = torch.relu(linear(hidden.float(), head.w1_prepared, head.b1))
@@ -115,37 +114,42 @@ def _segment_ids(seg_starts: torch.Tensor, m: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Triton path: the H x H GEMM stays a library GEMM; one row-wise epilogue kernel (bias, ReLU, H x 2
-# projection, logit clip, aggregation, temperature) and one per-segment kernel (log-sum-exp
-# normalisation, ESS). No value is read back to the host.
+# Triton path: the head's H x H GEMM stays a library GEMM and one row-wise kernel does its epilogue
+# (bias, ReLU, H x 2 projection, logit clip); weighing is one row-wise kernel (aggregation,
+# temperature) and one per-segment kernel (log-sum-exp normalisation, ESS). No value is read back
+# to the host.
 
 _AGG = {"model": 0, "last": 0, "min": 1, "prod": 2}
 PROD_CAP = math.log1p(-P_CLIP)
 
 
-def score_particles_triton(hidden: torch.Tensor, head: PRMHead, running: torch.Tensor, scored: torch.Tensor,
-                           seg_starts: torch.Tensor, aggregation: str, temperature: float | torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def head_logit_triton(hidden: torch.Tensor, head: PRMHead, block_m: int | None = None,
+                      block_h: int | None = None) -> torch.Tensor:
+    """``block_*`` override the tile sizes (tests shrink them to exercise the chunk loop)."""
+    m = hidden.shape[0]
     with profiled("prm_head_gemm"):
         pre = torch.matmul(hidden.float(), head.w1.float().T)
-    return _weigh_launch(pre, head, running, scored, seg_starts, aggregation, temperature)
+    out = torch.empty(m, dtype=torch.float32, device=hidden.device)
+    if m:
+        hdim = pre.shape[1]
+        block_m = block_m or min(32, next_pow2(m))
+        block_h = block_h or min(128, next_pow2(hdim))
+        w2 = head.w2.float()
+        with profiled("prm_head_epilogue"):
+            _head_epilogue_kernel[(cdiv(m, block_m),)](
+                pre, head.b1.float().contiguous(), w2, head.b2.float().contiguous(), out, m, hdim, *pre.stride(),
+                *w2.stride(), LOGIT_CLIP, BLOCK_M=block_m, BLOCK_H=block_h)
+    return out
 
 
 def weigh_triton(step_logit: torch.Tensor, running: torch.Tensor, scored: torch.Tensor, seg_starts: torch.Tensor,
-                 aggregation: str, temperature: float | torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _weigh_launch(step_logit.float(), None, running, scored, seg_starts, aggregation, temperature)
-
-
-def _weigh_launch(x: torch.Tensor, head: PRMHead | None, running: torch.Tensor, scored: torch.Tensor,
-                  seg_starts: torch.Tensor, aggregation: str, temperature: float | torch.Tensor,
-                  block_m: int | None = None, block_h: int | None = None, block_seg: int | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x`` is ``hidden @ w1.T`` (``[M, H]``, with ``head``) or the step logits (``[M]``, without).
-    Grid ``(cdiv(M, BLOCK_M),)`` for the rows, ``(R,)`` for the segments; ``block_*`` override the
-    tile sizes (tests shrink them to exercise the chunk loops)."""
+                 aggregation: str, temperature: float | torch.Tensor, block_m: int | None = None,
+                 block_seg: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grid ``(cdiv(M, BLOCK_M),)`` for the rows, ``(R,)`` for the segments; ``block_*`` override
+    the tile sizes (tests shrink them to exercise the chunk loops)."""
     if aggregation not in _AGG:
         raise ValueError(f"unknown aggregation {aggregation!r}")
+    x = step_logit.float().contiguous()
     m = x.shape[0]
     dev = x.device
     n_seg = seg_starts.numel() - 1
@@ -161,23 +165,10 @@ def _weigh_launch(x: torch.Tensor, head: PRMHead | None, running: torch.Tensor, 
     scored_u8 = scored.to(torch.uint8).contiguous()
     if m:
         block_m = block_m or min(32, next_pow2(m))
-        if head is not None:
-            hdim = x.shape[1]
-            block_h = block_h or min(128, next_pow2(hdim))
-            w1b, w2, b2 = head.b1.float().contiguous(), head.w2.float(), head.b2.float().contiguous()
-            s_xm, s_xh = x.stride()
-        else:
-            hdim, block_h = 1, 1
-            w1b = w2 = b2 = x  # unused
-            s_xm, s_xh = x.stride(0), 0
         with profiled("prm_score_rows"):
             _prm_rows_kernel[(cdiv(m, block_m),)](
-                x, w1b, w2, b2, running, scored_u8, temp_t, temp_s, new_running, log_w,
-                m, hdim, s_xm, s_xh, w2.stride(0) if head is not None else 0,
-                w2.stride(1) if head is not None else 0,
-                LOGIT_CLIP, PROD_CAP,
-                AGG=_AGG[aggregation], HAS_HEAD=head is not None, PER_ROW_TEMP=per_row,
-                BLOCK_M=block_m, BLOCK_H=block_h)
+                x, running, scored_u8, temp_t, temp_s, new_running, log_w, m, LOGIT_CLIP, PROD_CAP,
+                AGG=_AGG[aggregation], PER_ROW_TEMP=per_row, BLOCK_M=block_m)
     if n_seg:
         block_seg = block_seg or min(1024, max(16, next_pow2(m)))
         with profiled("prm_normalise"):
@@ -186,31 +177,35 @@ def _weigh_launch(x: torch.Tensor, head: PRMHead | None, running: torch.Tensor, 
 
 
 @lazy_jit
-def _prm_rows_kernel(x_ptr, b1_ptr, w2_ptr, b2_ptr, running_ptr, scored_ptr, temp_ptr, temp_scalar,
-                     new_running_ptr, logw_ptr,
-                     M, H, s_xm, s_xh, s_w2r, s_w2c,
-                     logit_clip, prod_cap,
-                     AGG: tl.constexpr, HAS_HEAD: tl.constexpr, PER_ROW_TEMP: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+def _head_epilogue_kernel(pre_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, M, H, s_pm, s_ph, s_w2r, s_w2c, logit_clip,
+                          BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``out = clip((relu(pre + b1) . w2[1] + b2[1]) - (relu(pre + b1) . w2[0] + b2[0]))`` per row."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_ok = rows < M
-    if HAS_HEAD:
-        l0 = tl.zeros([BLOCK_M], tl.float32)
-        l1 = tl.zeros([BLOCK_M], tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            hh = h0 + tl.arange(0, BLOCK_H)
-            h_ok = hh < H
-            pre = tl.load(x_ptr + rows[:, None] * s_xm + hh[None, :] * s_xh,
-                          mask=r_ok[:, None] & h_ok[None, :], other=0.0)
-            b1 = tl.load(b1_ptr + hh, mask=h_ok, other=0.0)
-            act = tl.maximum(pre + b1[None, :], 0.0)
-            w20 = tl.load(w2_ptr + hh * s_w2c, mask=h_ok, other=0.0)
-            w21 = tl.load(w2_ptr + s_w2r + hh * s_w2c, mask=h_ok, other=0.0)
-            l0 += tl.sum(act * w20[None, :], 1)
-            l1 += tl.sum(act * w21[None, :], 1)
-        step = (l1 + tl.load(b2_ptr + 1)) - (l0 + tl.load(b2_ptr))
-    else:
-        step = tl.load(x_ptr + rows * s_xm, mask=r_ok, other=0.0)
+    l0 = tl.zeros([BLOCK_M], tl.float32)
+    l1 = tl.zeros([BLOCK_M], tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        h_ok = hh < H
+        pre = tl.load(pre_ptr + rows[:, None] * s_pm + hh[None, :] * s_ph, mask=r_ok[:, None] & h_ok[None, :],
+                      other=0.0)
+        b1 = tl.load(b1_ptr + hh, mask=h_ok, other=0.0)
+        act = tl.maximum(pre + b1[None, :], 0.0)
+        w20 = tl.load(w2_ptr + hh * s_w2c, mask=h_ok, other=0.0)
+        w21 = tl.load(w2_ptr + s_w2r + hh * s_w2c, mask=h_ok, other=0.0)
+        l0 += tl.sum(act * w20[None, :], 1)
+        l1 += tl.sum(act * w21[None, :], 1)
+    step = (l1 + tl.load(b2_ptr + 1)) - (l0 + tl.load(b2_ptr))
+    tl.store(out_ptr + rows, tl.minimum(tl.maximum(step, -logit_clip), logit_clip), mask=r_ok)
+
+
+@lazy_jit
+def _prm_rows_kernel(x_ptr, running_ptr, scored_ptr, temp_ptr, temp_scalar, new_running_ptr, logw_ptr,
+                     M, logit_clip, prod_cap,
+                     AGG: tl.constexpr, PER_ROW_TEMP: tl.constexpr, BLOCK_M: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = rows < M
+    step = tl.load(x_ptr + rows, mask=r_ok, other=0.0)
     step = tl.minimum(tl.maximum(step, -logit_clip), logit_clip)
 
     running = tl.load(running_ptr + rows, mask=r_ok, other=0.0)

@@ -19,7 +19,13 @@ def temperature_sample(logits: torch.Tensor, temperature: float, u: torch.Tensor
 
 
 def temperature_sample_ref(logits: torch.Tensor, temperature: float, u: torch.Tensor) -> torch.Tensor:
-    probs = (logits.float() / temperature).softmax(-1)
+    return inverse_cdf((logits.float() / temperature).softmax(-1), u)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``probs [n, V]`` (rows need not sum to 1), ``u [n, 1]`` fp64 uniforms -> the first index whose
+    fp64 running sum exceeds ``u * total``. One uniform per row: exact, and far cheaper on CPU than
+    ``torch.multinomial`` or a per-token random race at large vocabularies."""
     cdf = probs.double().cumsum(-1)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from pfengine.kernels.prm_score import PRMHead
+
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message names the file and the problem."""
@@ -435,7 +437,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if cfg.qk_norm:
             shapes |= {a + "q_norm.weight": (D,), a + "k_norm.weight": (D,)}
     if cfg.is_prm:
-        shapes |= {"score.0.weight": (H, H), "score.0.bias": (H,), "score.2.weight": (2, H), "score.2.bias": (2,)}
+        shapes |= PRMHead.shapes(H)
     else:
         shapes["lm_head.weight"] = (cfg.vocab_size, H)
     return shapes

@@ -79,8 +79,7 @@ class PagedDecoder:
         self.lm_head = None if cfg.is_prm else _scaled(t.get("lm_head.weight", embed), 1 / cfg.logits_scaling)
         """``[vocab, H]``, logits scaling folded in: logits are ``hidden @ lm_head.T``."""
         self.unembed = None if self.lm_head is None else prepare(self.lm_head)
-        self.prm_head = (PRMHead(t["score.0.weight"], t["score.0.bias"], t["score.2.weight"], t["score.2.bias"])
-                         if cfg.is_prm else None)
+        self.prm_head = PRMHead.from_tensors(t) if cfg.is_prm else None
         self.layers = [self._layer(t, f"model.layers.{i}.") for i in range(cfg.num_layers)]
         self.rope = rope_table(cfg.rope, max_len).to(device)
         self.kv_cache = torch.zeros(2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,

@@ -1,22 +1,35 @@
 """Particle filtering (Puri et al. 2025): resample the particle pool by softmax(logit(r) / T)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from pfengine.kernels.resample import resample
-from pfengine.state import RequestState
+from pfengine.search.method import RoundContext, SearchMethod, finished
+
+if TYPE_CHECKING:
+    from pfengine.state import RequestState
 
 ANNEAL_ESS_RATIO = 0.5
 ANNEAL_EARLY_PHASE = 0.5
 
 
-def plan(r: RequestState, destinations: list[int] | None = None) -> list[int] | None:
-    """Ancestors for every slot, or None when nothing is resampled. ``destinations`` are the slots
-    that receive resampled particles (default: the resampling pool itself)."""
+class ParticleFilter(SearchMethod):
+    weighs_by_log_w = True
+
+    def plan(self, r: RequestState, ctx: RoundContext) -> list[int] | None:
+        return plan(r, finished(r, ctx))
+
+
+def plan(r: RequestState, done: list[bool], destinations: list[int] | None = None) -> list[int] | None:
+    """Ancestors for every slot, or None when nothing is resampled. ``done``: which particles
+    finished; ``destinations`` are the slots that receive resampled particles (default: the
+    resampling pool itself)."""
     s = r.search
-    if all(p.finished for p in r.particles):
+    if all(done):
         return None
-    pool = [i for i, p in enumerate(r.particles) if s.finished == "freeze" or not p.finished]
+    pool = [i for i, d in enumerate(done) if s.finished == "freeze" or not d]
     dest = pool if destinations is None else destinations
     log_w = normalised(r.log_w[pool])
     if s.annealing:
