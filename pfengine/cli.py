@@ -468,7 +468,7 @@ def engine_pool(args: argparse.Namespace, where: Placement) -> Iterator[EnginePo
     """The engines of ``where``, started, while Ray is connected."""
     from pfengine.dp.cluster import connected, require_ray
 
-    require_ray(where.flag)
+    require_ray(where.option)  # before importing the pool, which imports ray
     from pfengine.dp.pool import EnginePool
 
     with connected(where):

@@ -1,14 +1,18 @@
 """Data parallelism on Ray without a cluster: errors that cross from an actor, the placement's checks,
 the command-line flags, and pfengine without Ray installed. (The clusters themselves:
 ``test_dp_eval.py``, ``test_dp_serve.py``.)"""
+import importlib.util
 import os
 import pickle
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from bench.server_load import free_port
 from pfengine.cache import OutOfBlocks
 from pfengine.cli import main
 from pfengine.config import InvalidArgument
@@ -64,14 +68,24 @@ def test_a_placement_the_cluster_cannot_hold_is_refused():
 
 
 def test_an_address_nothing_answers_on_fails_at_once():
-    import socket
-
-    with socket.socket() as s:  # a port that was just free
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with pytest.raises(ValueError, match=f"--ray-address 127.0.0.1:{port}: no Ray cluster answers there"):
         check_reachable(f"127.0.0.1:{port}", timeout_s=2)
     check_reachable("auto")  # left to Ray
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="asks Ray's GCS client; ray is not installed")
+def test_an_address_where_something_else_listens_fails_in_bounded_time():
+    """A port that accepts connections but is no Ray head (``ray.init`` would retry for minutes)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(ValueError, match=f"--ray-address {address}: something answers there, but not a Ray "
+                                             "cluster's head"):
+            check_reachable(address, timeout_s=1)
+    assert time.monotonic() - start < 60
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -94,20 +108,67 @@ def test_help_explains_the_ray_options(capsys):
             assert option in text, (command, option)
 
 
-def test_worker_counts_are_positive(capsys):
-    for argv in (["eval", "d.jsonl", "--workers", "0"], ["serve", "--replicas", "-1"]):
-        with pytest.raises(SystemExit):
-            main(argv)
-        assert "must be positive" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "d.jsonl", "--workers", "0"], "argument --workers: must be positive, got 0"),
+    (["serve", "--replicas", "-1"], "argument --replicas: must be positive, got -1"),
+    (["eval", "d.jsonl", "--workers", "two"], "argument --workers: expected an integer, got 'two'"),
+    (["eval", "d.jsonl", "--workers", "1.5"], "argument --workers: expected an integer, got '1.5'"),
+    (["serve", "--replicas", "2", "--worker-gpus", "one"], "argument --worker-gpus: invalid int value: 'one'"),
+])
+def test_worker_counts_are_positive_integers(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
+
+
+WITHOUT_RAY = """
+import importlib.abc, sys
+
+class NoRay(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoRay())
+"""
+
+
+def without_ray(tmp_path: Path, code: str, *args: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter in which ``import ray`` (or any ``ray.*``) fails, as where
+    Ray is not installed."""
+    return subprocess.run([sys.executable, "-c", WITHOUT_RAY + code, *args], capture_output=True, text=True,
+                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
 
 
 def test_pfengine_works_without_ray(tmp_path):
-    """The core package, the server and eval import without Ray; asking for workers says what to install."""
-    data = tmp_path / "p.jsonl"
-    data.write_text('{"problem": "1+1?", "answer": "2"}\n')
-    code = ("import sys\nsys.modules['ray'] = None\nimport pfengine, pfengine.server, pfengine.eval.runner\n"
-            "from pfengine.cli import main\nsys.exit(main(['eval', sys.argv[1], '--workers', '2']))")
-    out = subprocess.run([sys.executable, "-c", code, str(data)], capture_output=True, text=True, cwd=REPO,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    """The package, the server, eval, ``pfengine --help`` and a PF request on the engine need no Ray."""
+    code = """
+import pfengine, pfengine.server, pfengine.eval.runner
+from pfengine.cli import main
+from pfengine.config import EngineConfig, Request, SamplingParams, SearchParams
+from pfengine.engine import Engine
+from pfengine.toy.pf import PRM, POLICY
+try:
+    main(["--help"])
+except SystemExit as e:
+    assert e.code == 0
+engine = Engine(EngineConfig(model=str(POLICY), prm=str(PRM)))
+[result] = engine.generate([Request("Start with 4. Add 3. What is the result?", SamplingParams(seed=0, max_steps=4),
+                                 SearchParams(method="particle_filter", n_particles=4))])
+assert len(result.particles) == 4 and result.answer is not None, result
+assert not any(name == "ray" or name.startswith("ray.") for name in sys.modules)
+print("no ray: ok")
+"""
+    out = without_ray(tmp_path, code)
+    assert out.returncode == 0 and "no ray: ok" in out.stdout and "usage: pfengine" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("argv, flag", [(["eval", "p.jsonl", "--workers", "2"], "--workers"),
+                                        (["eval", "p.jsonl", "--ray-address", "auto"], "--ray-address"),
+                                        (["serve", "--replicas", "2"], "--replicas")])
+def test_engines_on_ray_without_ray_say_what_to_install(tmp_path, argv, flag):
+    (tmp_path / "p.jsonl").write_text('{"problem": "1+1?", "answer": "2"}\n')
+    out = without_ray(tmp_path, "from pfengine.cli import main\nsys.exit(main(sys.argv[1:]))", *argv)
     assert out.returncode == 2, out.stderr
-    assert "--workers: runs engines on Ray, which is not installed: pip install 'pfengine[ray]'" in out.stderr
+    assert f"{flag}: runs engines on Ray, which is not installed: pip install 'pfengine[ray]'" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -15,6 +15,10 @@ from types import ModuleType
 from typing import Iterator
 
 CPUS_FLAG, GPUS_FLAG, ADDRESS_FLAG = "--worker-cpus", "--worker-gpus", "--ray-address"
+LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
+"""A local cluster (``address="local"``: a new one, even where ``ray start`` left one running here)
+runs its engines at this command's own CPU priority; by default Ray adds 15 to their niceness, which
+puts them behind every other process of the machine."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,11 @@ class Placement:
         if self.address is not None and not self.address.strip():
             raise ValueError(f"{ADDRESS_FLAG}: must not be empty")
 
+    @property
+    def option(self) -> str:
+        """The option that put the engines on Ray (what an error about Ray itself names)."""
+        return self.flag if self.engines > 1 else ADDRESS_FLAG
+
 
 def require_ray(flag: str) -> ModuleType:
     """The ``ray`` module, or an error naming the option that needs it."""
@@ -52,13 +61,14 @@ def require_ray(flag: str) -> ModuleType:
 def connected(placement: Placement) -> Iterator[None]:
     """Ray connected while the block runs, with room for every engine (else an error naming the
     flags); a local cluster started here is stopped afterwards."""
-    ray = require_ray(placement.flag)
-    address = placement.address or os.environ.get("RAY_ADDRESS")
+    ray = require_ray(placement.option)
+    address = placement.address or os.environ.get("RAY_ADDRESS") or None
     if address is not None:
         check_reachable(address)
     try:
         if address is None:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                     _system_config=LOCAL_SYSTEM_CONFIG)
         else:
             ray.init(address=address, log_to_driver=False)
     except ConnectionError as e:
@@ -73,8 +83,10 @@ def connected(placement: Placement) -> Iterator[None]:
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """A ``host:port`` address that nothing answers on fails here, at once (Ray itself retries for
-    minutes); other forms (``auto``, ``ray://...``) are left to Ray."""
+    """A ``host:port`` address with no Ray cluster behind it fails here, in at most about
+    ``timeout_s`` + 10 s (``ray.init`` itself retries for minutes): nothing listening, something
+    that is not Ray's GCS, or a cluster that wants an authentication token this process lacks.
+    Other forms (``auto``, ``ray://...``) are left to Ray."""
     host, _, port = address.rpartition(":")
     if not (host and port.isdigit()) or "://" in address:
         return
@@ -83,6 +95,24 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     except OSError as e:
         raise ValueError(f"{ADDRESS_FLAG} {address}: no Ray cluster answers there ({e.strerror or e}); start one "
                          "with `ray start --head`") from None
+    _ask_gcs(address, timeout_s)
+
+
+def _ask_gcs(address: str, timeout_s: float) -> None:
+    """One request to the cluster's GCS (its head's control service), bounded: Ray's own client for
+    it, as pinned by the ``ray`` extra."""
+    from ray._raylet import InnerGcsClient
+    from ray.exceptions import AuthenticationError, RpcError
+
+    try:
+        InnerGcsClient.standalone(address, None, int(timeout_s * 1000))
+    except AuthenticationError:
+        raise ValueError(f"{ADDRESS_FLAG} {address}: the Ray cluster there requires its authentication token: set "
+                         "RAY_AUTH_MODE=token here, with the head's token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
+                         ) from None
+    except RpcError as e:
+        raise ValueError(f"{ADDRESS_FLAG} {address}: something answers there, but not a Ray cluster's head ({e}); "
+                         "give the address `ray start --head` printed") from None
 
 
 def check_room(placement: Placement, resources: dict[str, float]) -> None:
