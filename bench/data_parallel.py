@@ -32,7 +32,7 @@ import ray
 import torch
 
 from pfengine.cli import build_parser, engine_config, eval_requests, make_engine
-from pfengine.dp.cluster import Placement
+from pfengine.dp.cluster import LOCAL_SYSTEM_CONFIG, Placement
 from pfengine.dp.eval import evaluate_on_pool
 from pfengine.dp.pool import EnginePool
 from pfengine.eval import runner
@@ -91,6 +91,14 @@ def keyed(records: list[dict]) -> dict:
     return {(r["unique_id"], r["method"], r["budget"]): {k: v for k, v in r.items() if k not in TIMING} for r in records}
 
 
+def save(tag: str, report: dict, lines: list[str]) -> None:
+    """``report`` as bench/results/<tag>.json, ``lines`` (Markdown) as <tag>.md and on stdout."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{tag}.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / f"{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problems", type=int, default=32)
@@ -102,7 +110,8 @@ def main() -> None:
         args = build_parser().parse_args(["eval", str(data), *OPTIONS])
         problems = read_problems(data)
         load_before = os.getloadavg()
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # room for both Ray setups at once
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 _system_config=LOCAL_SYSTEM_CONFIG)  # room for both Ray setups at once
         setups = {"--workers 1: 1 engine x 2 threads, this process's main thread": in_process(problems, args, 2),
                   "--workers 2: 2 Ray workers x 1 thread": on_ray(problems, args, 2, 1),
                   "1 Ray worker x 2 threads (--worker-cpus 2)": on_ray(problems, args, 1, 2)}
@@ -129,10 +138,7 @@ def main() -> None:
     for name, r in rows.items():
         lines.append(f"| {name} | {r['wall_s']:.2f} | {tokens / r['wall_s']:.0f} | {r['cpu_s']:.2f} | "
                      f"{tokens / r['cpu_s']:.0f} | {r['walls']} |")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{opts.tag}.json").write_text(json.dumps(report, indent=1))
-    (RESULTS / f"{opts.tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(opts.tag, report, lines)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""``pfengine`` commands that start a local Ray cluster, run in a process group of their own: a test
-stops the command with SIGTERM (it shuts its cluster down) and, should that fail, kills the whole
-group, since Ray's agents outlive a driver that is killed outright."""
+"""A ``pfengine`` command that starts a local Ray cluster (``eval --workers``, ``serve --replicas``),
+run in a process group of its own, its output in a log file: the tests and ``bench.serve_replicas``
+stop it with SIGTERM (it shuts its cluster down) and, should that fail, kill the whole group, since
+Ray's agents outlive a driver that is killed outright."""
 import os
 import re
 import signal
@@ -41,6 +42,18 @@ class RayCommand:
             assert self.proc.poll() is None, f"the command ended before {what}:\n{self.text()}"
             assert time.monotonic() < deadline, f"no {what} after {timeout} s:\n{self.text()}"
             time.sleep(0.1)
+
+    def wait_until_serving(self, url: str, timeout: float) -> None:
+        """Until the server this command started answers ``GET url/health``."""
+        import httpx
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        self.wait_for(up, timeout, f"an answer from {url}/health")
 
     def wait(self, timeout: float) -> int:
         try:

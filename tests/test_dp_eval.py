@@ -16,7 +16,7 @@ from pfengine.cli import main  # noqa: E402
 from pfengine.eval.dataset import write_problems  # noqa: E402
 from pfengine.toy.pf import is_bundled  # noqa: E402
 from pfengine.toy.task import heldout_set  # noqa: E402
-from ray_commands import RayCommand  # noqa: E402
+from bench.ray_command import RayCommand  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not is_bundled(), reason="the bundled toy checkpoints are missing")]
 

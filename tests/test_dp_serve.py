@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import time
 
 import pytest
@@ -16,7 +15,8 @@ pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
 
 from pfengine.toy.pf import is_bundled  # noqa: E402
-from ray_commands import RayCommand  # noqa: E402
+from bench.ray_command import RayCommand  # noqa: E402
+from bench.server_load import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not is_bundled(), reason="the bundled toy checkpoints are missing")]
 
@@ -33,21 +33,12 @@ def chat(k: int, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "log"
     with RayCommand(["serve", "--replicas", 2, "--port", port, "--api-key", KEY, "--log-level", "warning"],
                     log) as command:
         url = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{url}/health", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        command.wait_for(up, 120, "/health")
+        command.wait_until_serving(url, 120)
         yield url, command
 
 
