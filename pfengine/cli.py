@@ -9,6 +9,7 @@ import argparse
 import codecs
 import json
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -30,10 +31,12 @@ if TYPE_CHECKING:
     from pfengine.dp.pool import EnginePool
     from pfengine.engine import Engine
     from pfengine.eval.dataset import Problem
-    from pfengine.eval.runner import RequestBuilder, Run
+    from pfengine.eval.runner import RequestBuilder, ResultHook, Run
     from pfengine.server import EngineFront
     from pfengine.state import PFResult
 
+TRACE_PROBLEMS = 10
+"""``eval --trace-html`` draws this many problems of each run by default."""
 TOY_PROMPT = "Start with 47. Add 38. Subtract 29. Add 16. What is the result?"
 """The default prompt of ``bench`` and ``profile``: a problem of the bundled toy task."""
 BENCH_STEPS, BENCH_STEP_TOKENS = 4, 32
@@ -125,6 +128,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="cache rows: the most particles of all requests alive at once (default 1024)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="cap on prompt + generated tokens (default: the model's max_position_embeddings)")
+    g.add_argument("--tensor-parallel-size", type=int, default=_default(EngineConfig, "tensor_parallel_size"),
+                   help="split each model across this many processes (spawned here, or the ranks of "
+                        "torchrun --nproc-per-node with the same number; default 1)")
     lim = p.add_argument_group("per-request limits (a request over one is refused, naming the limit)")
     lim.add_argument("--max-request-particles", type=int, default=_default(EngineConfig, "max_request_particles"),
                      help="largest budget (particles, all particle Gibbs sweeps together) one request may ask "
@@ -166,8 +172,12 @@ def placement(args: argparse.Namespace, count: str) -> Placement | None:
             if getattr(args, flag[2:].replace("-", "_")) is not None:
                 raise ValueError(f"{flag}: applies to engines on Ray ({count} > 1 or --ray-address)")
         return None
-    return Placement(engines, 1 if args.worker_cpus is None else args.worker_cpus,
-                     0 if args.worker_gpus is None else args.worker_gpus, args.ray_address, count)
+    where = Placement(engines, 1 if args.worker_cpus is None else args.worker_cpus,
+                      0 if args.worker_gpus is None else args.worker_gpus, args.ray_address, count)
+    if 0 < where.gpus < args.tensor_parallel_size:
+        raise ValueError(f"--worker-gpus {where.gpus}: each engine is split over --tensor-parallel-size "
+                         f"{args.tensor_parallel_size} GPUs; give each worker that many")
+    return where
 
 
 def _add_request_options(p: argparse.ArgumentParser, sampling: SamplingParams = SamplingParams(),
@@ -298,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=_positive, help="only the first LIMIT problems of DATA")
     g.add_argument("--out", help="output directory (default out/eval/<DATA's name>)")
     g.add_argument("--fresh", action="store_true", help="discard earlier results in --out instead of resuming")
+    g.add_argument("--trace-html", metavar="DIR",
+                   help="also draw the genealogy of each run's first --trace-problems problems: "
+                        "DIR/<method>-<budget>/<index>-<id>.html, marking which candidates' answers are right")
+    g.add_argument("--trace-problems", type=_positive, default=TRACE_PROBLEMS, metavar="K",
+                   help=f"with --trace-html: how many problems of each run to draw (default {TRACE_PROBLEMS})")
     _add_engine_options(ev)
     _add_ray_options(ev, "--workers", "engines the problems are spread over (each runs whole requests; the results "
                                       "equal one engine's)")
@@ -460,7 +475,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     limits = {name: getattr(args, name) for name in LIMITS}
     return EngineConfig(model=model, prm=prm, num_blocks=args.num_blocks, block_size=args.block_size,
                         kv_dtype=args.kv_dtype, max_particles=args.max_particles, max_model_len=args.max_model_len,
-                        **limits)
+                        tensor_parallel_size=args.tensor_parallel_size, **limits)
 
 
 @contextmanager
@@ -606,12 +621,17 @@ def run_eval(args: argparse.Namespace, engine: EngineFront, problems: list[Probl
     chat = use_chat(engine, args.chat)
     runner.prepare_out(out, eval_settings(args, engine, chat), args.fresh)
     build = eval_requests(args, engine)
+    if args.trace_problems != TRACE_PROBLEMS and not args.trace_html:
+        raise ValueError("--trace-problems: only with --trace-html DIR (it says how many problems to draw)")
+    trace = _eval_tracer(args.trace_html, args.trace_problems, engine) if args.trace_html else None
     if pool is None:
-        records = runner.evaluate(engine, problems, runs, build, args.seed, out, progress=not args.no_progress)
+        records = runner.evaluate(engine, problems, runs, build, args.seed, out, progress=not args.no_progress,
+                                  on_result=trace)
     else:
         from pfengine.dp.eval import evaluate_on_pool
 
-        records = evaluate_on_pool(pool, problems, runs, build, args.seed, out, progress=not args.no_progress)
+        records = evaluate_on_pool(pool, problems, runs, build, args.seed, out, progress=not args.no_progress,
+                                   on_result=trace)
     rows = report.summarise(records, [(r.method, r.budget) for r in runs])
     paths = report.write(rows, out, title=f"pfengine on {Path(args.data).name} ({len(problems)} problems)")
     if args.json:
@@ -630,6 +650,21 @@ def eval_requests(args: argparse.Namespace, engine: EngineFront) -> RequestBuild
         return make_request(args, make_prompt(engine, args, problem.problem), seed, run.method, run.budget)
 
     return build
+
+
+def _eval_tracer(out_dir: str, limit: int, engine: EngineFront) -> ResultHook:
+    """Draw the genealogy (HTML only: a PNG per problem would cost more than the run) of each
+    finished request among the first ``limit`` problems, graded against the problem's reference."""
+    from pfengine import genealogy
+    from pfengine.eval.grading import grade
+
+    def trace(index: int, problem: Problem, run: Run, request: Request, result: PFResult) -> None:
+        if index < limit:
+            name = f"{index:04d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', problem.unique_id)[:80]}"
+            genealogy.write_result(result, request, engine.detokenize, Path(out_dir) / f"{run.method}-{run.budget}",
+                                   name, grade=lambda text: grade(problem.answer, text).correct, png=False)
+
+    return trace
 
 
 def eval_settings(args: argparse.Namespace, engine: EngineFront, chat: bool) -> dict:

@@ -77,7 +77,11 @@ class EngineConfig:
     that do fit start before it; then admission waits until it fits (so nothing starves)."""
     cuda_graphs: bool = True
     """On CUDA, decode through CUDA graphs captured per batch-size bucket (:mod:`pfengine.cuda_graphs`);
-    no effect on CPU."""
+    no effect on CPU, nor with tensor parallelism (eager decode)."""
+    tensor_parallel_size: int = 1
+    """Processes each model is split across (heads, MLP, vocabulary; :mod:`pfengine.distributed`):
+    spawned by the engine, or the ranks of ``torchrun --nproc-per-node``. The PRM model, if any,
+    is split across the same ranks."""
 
     def __post_init__(self) -> None:
         self.model = _path("model", self.model)
@@ -96,6 +100,7 @@ class EngineConfig:
             setattr(self, name, _int(name, getattr(self, name), 1))
         self.max_overtakes = _int("max_overtakes", self.max_overtakes, 0)
         _bool("cuda_graphs", self.cuda_graphs)
+        self.tensor_parallel_size = _int("tensor_parallel_size", self.tensor_parallel_size, 1)
 
 
 @dataclass

@@ -24,10 +24,11 @@ from pfengine.cache.block_manager import BlockManager
 from pfengine.caches import Caches
 from pfengine.config import AGGREGATIONS, EngineConfig, InvalidArgument, Request, require
 from pfengine.delimiter import DelimiterMatcher
+from pfengine.distributed import DecoderSpec, Group, connect
 from pfengine.kernels import cdiv
 from pfengine.kernels.prm_score import initial_running, running_to_prob, weigh
-from pfengine.model.checkpoint import PRM_ARCHITECTURES, CheckpointError, read_config
-from pfengine.model.decoder import load_decoder
+from pfengine.model.checkpoint import PRM_ARCHITECTURES, CheckpointError, ModelConfig, read_config
+from pfengine.model.shard import Shard, refusal
 from pfengine.model.tokenizer import check_same_tokenizer, eos_ids, load_tokenizer
 from pfengine.particles import MAX_MODEL_LEN, MAX_TOKENS, ParticleTable, RowLimits
 from pfengine.prm import PRM, CallablePRM, EndedSteps, ModelPRM, PRMFn, ValueHeadPRM, load_value_head
@@ -49,9 +50,14 @@ class Engine:
         model_cfg = read_config(config.model)
         self.tokenizer = load_tokenizer(config.model, model_cfg.vocab_size)
         self.max_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
-        self.policy = self._runner(config.model)
-        self.prm_runner: ModelRunner | None = None
-        self.prm = self._load_prm(prm_fn, model_cfg.hidden_size)
+        self.group = self._connect(model_cfg)
+        try:
+            self.policy = self._runner(config.model)
+            self.prm_runner: ModelRunner | None = None
+            self.prm = self._load_prm(prm_fn, model_cfg.hidden_size)
+        except BaseException:
+            self.close()
+            raise
         self.caches = Caches(self.policy, self.prm_runner)
         rows, dev = config.max_particles, config.device
         self.table = ParticleTable(rows, self.max_len)
@@ -67,12 +73,31 @@ class Engine:
         self._driving = threading.Lock()
         self._ids = count()
 
+    def _connect(self, model_cfg: ModelConfig) -> Group | None:
+        """With ``tensor_parallel_size > 1``: check that every model splits that many ways, then start
+        (or, under torchrun, join) the group. None otherwise."""
+        size = self.config.tensor_parallel_size
+        if size == 1:
+            return None
+        prm = self.config.prm
+        models = [(self.config.model, model_cfg)] + ([(prm, read_config(prm))] if prm and Path(prm).is_dir() else [])
+        for path, cfg in models:
+            why = refusal(cfg, size)
+            require(why is None, "tensor_parallel_size", f"{path}: {why}")
+        return connect(size, self.config.device)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at interpreter exit)."""
+        if self.group is not None:
+            self.group.close()
+
     def _runner(self, path: str) -> ModelRunner:
         c = self.config
-        decoder = load_decoder(path, c.num_blocks, c.block_size, getattr(torch, c.kv_dtype), self.max_len, c.device)
+        spec = DecoderSpec(path, c.num_blocks, c.block_size, c.kv_dtype, self.max_len)
+        decoder = spec.load(Shard(), c.device) if self.group is None else self.group.load(spec)
         max_blocks = cdiv(self.max_len, c.block_size)
         return ModelRunner(decoder, BlockManager(c.num_blocks, c.block_size, c.max_particles, max_blocks, c.device),
-                           c.cuda_graphs)
+                           c.cuda_graphs and self.group is None)
 
     def _load_prm(self, prm_fn: PRMFn | None, hidden_size: int) -> PRM | None:
         path, pc = self.config.prm, self.config.prm_config

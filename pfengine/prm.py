@@ -101,9 +101,8 @@ class ModelPRM:
         hidden = hidden[[position[rep_of[node]] for node in ended.nodes]]
         if self.good_bad is None:
             return head_logit(hidden, self.head)
-        good, bad = self.good_bad
-        lm_head = self.runner.decoder.lm_head
-        return (hidden.float() @ (lm_head[good] - lm_head[bad]).float()).clamp(-LOGIT_CLIP, LOGIT_CLIP)
+        logits = self.runner.decoder.logits(hidden)[:, list(self.good_bad)].float()
+        return (logits[:, 0] - logits[:, 1]).clamp(-LOGIT_CLIP, LOGIT_CLIP)
 
 
 class CallablePRM:

@@ -5,12 +5,12 @@ import torch
 
 from pfengine.cache.block_manager import BlockManager
 from pfengine.cuda_graphs import decode_graphs
-from pfengine.kernels.copy_blocks import copy_blocks
+from pfengine.distributed import DrivenDecoder
 from pfengine.model.decoder import ForwardBatch, PagedDecoder
 
 
 class ModelRunner:
-    def __init__(self, decoder: PagedDecoder, blocks: BlockManager, cuda_graphs: bool = False) -> None:
+    def __init__(self, decoder: PagedDecoder | DrivenDecoder, blocks: BlockManager, cuda_graphs: bool = False) -> None:
         self.decoder, self.blocks = decoder, blocks
         decoder.tables = blocks.tables
         self.graphs = decode_graphs(decoder, blocks.tables.shape[0]) if cuda_graphs else None
@@ -50,12 +50,12 @@ class ModelRunner:
     def fork(self, rows: torch.Tensor, ancestors: torch.Tensor, writes: torch.Tensor) -> None:
         """Resampling fork of this cache (see :meth:`BlockManager.fork`), copies included."""
         pairs = self.blocks.fork(rows, ancestors, writes)
-        copy_blocks(self.decoder.kv_cache, pairs)
+        self.decoder.copy_blocks(pairs)
         self.cow_copies += int((pairs[0] >= 0).sum())
 
     def _reserve(self, rows: torch.Tensor, n_new: torch.Tensor | int) -> torch.Tensor:
         slots, cow = self.blocks.reserve(rows, n_new)
-        copy_blocks(self.decoder.kv_cache, cow)
+        self.decoder.copy_blocks(cow)
         self.cow_copies += cow.shape[1]
         self.tokens_forwarded += slots.numel()
         return slots

@@ -92,6 +92,8 @@ def test_an_address_where_something_else_listens_fails_in_bounded_time():
     (["eval", "d.jsonl", "--worker-cpus", "2"], "--worker-cpus: applies to engines on Ray (--workers > 1 or --ray-address)"),
     (["serve", "--worker-gpus", "1"], "--worker-gpus: applies to engines on Ray (--replicas > 1 or --ray-address)"),
     (["eval", "d.jsonl", "--workers", "2", "--worker-gpus", "-1"], "--worker-gpus: must be an integer >= 0, got -1"),
+    (["eval", "d.jsonl", "--workers", "2", "--worker-gpus", "1", "--tensor-parallel-size", "2"],
+     "--worker-gpus 1: each engine is split over --tensor-parallel-size 2 GPUs; give each worker that many"),
 ])
 def test_ray_flags_without_engines_on_ray_are_refused(capsys, argv, message):
     assert main(argv) == 2

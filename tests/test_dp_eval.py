@@ -65,13 +65,18 @@ def reference(data, tmp_path_factory) -> Path:
 
 
 def test_two_workers_give_one_engines_results(data, reference, tmp_path):
-    out = tmp_path / "out"
-    with RayCommand(["eval", data, *WORKLOAD, "--workers", 2, "--out", out], tmp_path / "log") as command:
+    """...and the driver draws the genealogies of --trace-html from the results the workers send."""
+    out, traces = tmp_path / "out", tmp_path / "traces"
+    with RayCommand(["eval", data, *WORKLOAD, "--workers", 2, "--out", out, "--trace-html", traces, "--trace-problems", 2],
+                    tmp_path / "log") as command:
         assert command.wait(timeout=300) == 0, command.text()
     text = command.text()
     assert len(command.engine_pids()) == 2 and text.count("1 torch thread(s)") == 2, text
     assert keyed(out / "results.jsonl") == keyed(reference / "results.jsonl")
     assert accuracy(out) == accuracy(reference)
+    pages = sorted(str(p.relative_to(traces)) for p in traces.rglob("*.html"))
+    assert pages == sorted(f"{m}-{b}/{k:04d}-{k}.html" for m in ("best_of_n", "particle_filter") for b in (4, 16)
+                           for k in range(2)), pages
 
 
 def test_a_killed_worker_loses_nothing_and_nothing_is_written_twice(data, reference, tmp_path):

@@ -2,6 +2,7 @@
 answers), Wilson intervals, and batched, resumable runs written as JSON lines."""
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,7 @@ def test_eval_records_a_failed_request_and_retries_it(tmp_path, capsys, policy_d
     (["eval", "missing.jsonl"], "missing.jsonl: no such file"),
     (["eval", "{data}", "--method", "beam_search", "--budgets", "6", "--beam-width", "4"],
      "--budgets: beam_search needs a multiple of --beam-width (4), got 6"),
+    (["eval", "{data}", "--trace-problems", "3"], "--trace-problems: only with --trace-html DIR"),
 ])
 def test_eval_errors_are_readable(tmp_path, capsys, policy_dir, value_head_file, argv, message):
     data = write_problems([Problem("Step 1: add 1 and 2.", "3", "a")], tmp_path / "d.jsonl")
@@ -214,3 +216,23 @@ def test_eval_errors_are_readable(tmp_path, capsys, policy_dir, value_head_file,
                                                   "--out", str(tmp_path / "out"), *TINY]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_eval_draws_the_genealogy_of_its_first_problems_with_their_grade(tmp_path):
+    from pfengine.toy.pf import POLICY, VALUE_HEAD
+    from pfengine.toy.task import heldout_set
+
+    toy = [Problem(p.text, str(p.answer), f"toy/{k} #") for k, p in enumerate(heldout_set(6))]
+    data, out, traces = write_problems(toy, tmp_path / "toy.jsonl"), tmp_path / "out", tmp_path / "traces"
+    assert main(["eval", str(data), "--model", str(POLICY), "--prm", str(VALUE_HEAD), "--method",
+                 "greedy,particle_filter", "--budgets", "2", "--max-steps", "8", "--max-step-tokens", "24",
+                 "--no-progress", "--out", str(out), "--trace-html", str(traces), "--trace-problems", "5"]) == 0
+    assert {p.name for p in traces.iterdir()} == {"greedy-1", "particle_filter-2"}
+    verdicts = []
+    for r in lines(out):
+        page = traces / f"{r['method']}-{r['budget']}" / f"{r['index']:04d}-toy_{r['index']}_.html"
+        assert page.is_file() == (r["index"] < 5)
+        if page.is_file():
+            verdicts.append(re.search(r'<p class="(ok|bad)" id="pf-verdict">', page.read_text()).group(1))
+            assert verdicts[-1] == ("ok" if r["correct"] else "bad")
+    assert len(verdicts) == 10 and "ok" in verdicts

@@ -22,15 +22,17 @@ from typing import Callable
 from pfengine.config import Request
 from pfengine.dp.pool import EnginePool
 from pfengine.eval.dataset import Problem
-from pfengine.eval.runner import RequestBuilder, Run, Todo, collect, make_record, plan_todo, recording
+from pfengine.eval.runner import RequestBuilder, ResultHook, Run, Todo, collect, make_record, plan_todo, recording
+from pfengine.state import PFResult
 
 
 def evaluate_on_pool(pool: EnginePool, problems: list[Problem], runs: list[Run], build: RequestBuilder, seed: int,
-                     out: Path, progress: bool = True) -> list[dict]:
-    """:func:`pfengine.eval.runner.evaluate` on a pool of engines; the same records."""
+                     out: Path, progress: bool = True, on_result: ResultHook | None = None) -> list[dict]:
+    """:func:`pfengine.eval.runner.evaluate` on a pool of engines; the same records (``on_result`` is
+    called here, in the driver, as results arrive)."""
     todo = plan_todo(problems, runs, build, seed, out)
     with recording(out, todo, progress) as write:
-        asyncio.run(_dispatch(pool, todo, build, seed, write))
+        asyncio.run(_dispatch(pool, todo, build, seed, write, on_result))
     return collect(out, problems, runs)
 
 
@@ -52,8 +54,8 @@ class _Room:
             self.freed.notify_all()
 
 
-async def _dispatch(pool: EnginePool, todo: Todo, build: RequestBuilder, seed: int,
-                    write: Callable[[dict], None]) -> None:
+async def _dispatch(pool: EnginePool, todo: Todo, build: RequestBuilder, seed: int, write: Callable[[dict], None],
+                    on_result: ResultHook | None) -> None:
     room = _Room(pool.capacity)
     solving = []
     for run, pending in todo:
@@ -67,18 +69,21 @@ async def _dispatch(pool: EnginePool, todo: Todo, build: RequestBuilder, seed: i
                 continue
             await room.take(request.search.n_particles)
             start = start or time.perf_counter()
-            solving.append(asyncio.create_task(_solve(pool, request, room, record, write, start)))
+            hook = partial(on_result, k, problem, run, request) if on_result else None
+            solving.append(asyncio.create_task(_solve(pool, request, room, record, write, start, hook)))
     await asyncio.gather(*solving)
 
 
 async def _solve(pool: EnginePool, request: Request, room: _Room, record: Callable[..., dict],
-                 write: Callable[[dict], None], start: float) -> None:
+                 write: Callable[[dict], None], start: float, hook: Callable[[PFResult], None] | None) -> None:
     """Run one request and write its record (a failed one too: a rerun of the evaluation retries it)."""
     try:
         result = await pool.agenerate(request)
     except Exception as e:
         write(record(time.perf_counter() - start, error=e))
     else:
+        if hook is not None:
+            hook(result)
         write(record(time.perf_counter() - start, result))
     finally:
         await room.give(request.search.n_particles)

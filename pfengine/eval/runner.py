@@ -34,6 +34,8 @@ class Run:
 
 RequestBuilder = Callable[[Problem, Run, int], "Request"]
 """``(problem, run, seed) -> Request``: how the caller turns a problem into an engine request."""
+ResultHook = Callable[[int, Problem, Run, "Request", "PFResult"], None]
+"""``(index, problem, run, request, result)``: called for every finished request (e.g. to draw its genealogy)."""
 
 
 def plan_runs(methods: list[str], budgets: list[int]) -> list[Run]:
@@ -93,13 +95,13 @@ Todo = list[tuple[Run, list[tuple[int, Problem]]]]
 
 
 def evaluate(engine: Engine, problems: list[Problem], runs: list[Run], build: RequestBuilder, seed: int, out: Path,
-             progress: bool = True) -> list[dict]:
+             progress: bool = True, on_result: ResultHook | None = None) -> list[dict]:
     """Run what ``out``'s results file lacks; return the records of every problem x run, in order.
     Problem ``k`` (its position in ``problems``) is sampled with seed ``seed + k`` by every run."""
     todo = plan_todo(problems, runs, build, seed, out)
     with recording(out, todo, progress) as write:
         for run, pending in todo:
-            for record in run_batch(engine, run, pending, build, seed):
+            for record in run_batch(engine, run, pending, build, seed, on_result):
                 write(record)
     return collect(out, problems, runs)
 
@@ -146,21 +148,24 @@ def _to_run(record: dict | None) -> bool:
 
 
 def run_batch(engine: Engine, run: Run, pending: list[tuple[int, Problem]], build: RequestBuilder,
-              seed: int) -> Iterator[dict]:
+              seed: int, on_result: ResultHook | None = None) -> Iterator[dict]:
     """Submit every pending problem of one run, step the engine until all are done, and yield each
     graded record as its request finishes (a failed request yields a record with its ``error``)."""
     batch, start = uuid.uuid4().hex[:12], time.perf_counter()
-    waiting: dict[int, tuple[int, Problem]] = {}
+    waiting: dict[int, tuple[int, Problem, Request]] = {}
     for k, problem in pending:
         try:
-            waiting[engine.add_request(build(problem, run, seed + k))] = (k, problem)
+            request = build(problem, run, seed + k)
+            waiting[engine.add_request(request)] = (k, problem, request)
         except (ValueError, TypeError) as e:
             yield make_record(problem, k, run, seed + k, batch, time.perf_counter() - start, error=e)
     while waiting:
         for event in engine.step():
             if (event.result is None and event.error is None) or event.request_id not in waiting:
                 continue
-            k, problem = waiting.pop(event.request_id)
+            k, problem, request = waiting.pop(event.request_id)
+            if event.result is not None and on_result is not None:
+                on_result(k, problem, run, request, event.result)
             yield make_record(problem, k, run, seed + k, batch, time.perf_counter() - start, event.result, event.error)
 
 

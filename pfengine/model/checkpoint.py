@@ -12,7 +12,9 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -443,13 +445,15 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """config.json and exactly the tensors it implies. A tied checkpoint may also hold
-    ``lm_head.weight``, but only as a copy of the embedding (transformers 5 would silently untie a
-    different one, transformers 4 would silently drop it)."""
+def load_checkpoint(path: str | Path, take: Callable[[ModelConfig, str, Any], torch.Tensor] | None = None
+                    ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """config.json and exactly the tensors it implies (with ``take``, only the part of each that
+    ``take(cfg, name, view)`` reads from its safetensors slice ``view``). A tied checkpoint may also
+    hold ``lm_head.weight``, but only as a copy of the embedding (transformers 5 would silently untie
+    a different one, transformers 4 would silently drop it)."""
     cfg = read_config(path)
     tied = frozenset({"lm_head.weight"}) if cfg.tie_word_embeddings else frozenset()
-    tensors = load_tensors(path, expected_shapes(cfg), optional=tied)
+    tensors = load_tensors(path, expected_shapes(cfg), optional=tied, take=None if take is None else partial(take, cfg))
     head = tensors.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
     if head is not None and not torch.equal(head, tensors["model.embed_tokens.weight"]):
         raise CheckpointError(f"{path}: tie_word_embeddings=true but lm_head.weight differs from "
@@ -458,10 +462,12 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
 
 
 def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float32,
-                 optional: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+                 optional: frozenset[str] = frozenset(), take: Callable[[str, Any], torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
     """Load exactly the named tensors from ``*.safetensors`` (single file, shards + index, or one
     named file), checking each shape; missing, misshapen or unexpected tensors (other than rotary
-    frequency buffers) raise :class:`CheckpointError`."""
+    frequency buffers) raise :class:`CheckpointError`. ``take(name, view)``: read only that part of
+    each tensor from its slice ``view``."""
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     for f in _safetensors_files(path):
@@ -472,9 +478,11 @@ def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: to
                 raise CheckpointError(f"{f}: {len(unexpected)} tensor(s) that the config does not account for "
                                       f"(pfengine would not read them), e.g. {unexpected[:3]}")
             for name in (n for n in names if n in shapes):
-                t = sf.get_tensor(name)
-                if tuple(t.shape) != shapes[name]:
-                    raise CheckpointError(f"{f}: tensor {name} has shape {tuple(t.shape)}, config implies {shapes[name]}")
+                view = sf.get_slice(name)
+                if tuple(view.get_shape()) != shapes[name]:
+                    raise CheckpointError(f"{f}: tensor {name} has shape {tuple(view.get_shape())}, config implies "
+                                          f"{shapes[name]}")
+                t = sf.get_tensor(name) if take is None else take(name, view)
                 if not t.is_floating_point():
                     raise CheckpointError(f"{f}: tensor {name} has dtype {t.dtype}, expected a floating-point dtype")
                 tensors[name] = t.to(dtype)
