@@ -59,6 +59,10 @@ class AsyncEngine:
                 return event.result
         raise RuntimeError("request ended without a result")
 
+    async def health(self) -> dict:
+        """Requests running and waiting, and the engine's counters (the server's ``/health``)."""
+        return {"running": len(self.engine.running), "waiting": len(self.engine.waiting), "engine": self.engine.stats()}
+
     @property
     def idle(self) -> bool:
         """No engine loop is running (it stops when the engine has no work left)."""

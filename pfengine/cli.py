@@ -16,9 +16,10 @@ import statistics
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pfengine.config import (AGGREGATIONS, KV_DTYPES, METHODS, RESAMPLING, SELECTIONS, EngineConfig, InvalidArgument,
                              SamplingParams, SearchParams)
@@ -27,9 +28,12 @@ from pfengine.toy.pf import DEMO_TEMPERATURE
 
 if TYPE_CHECKING:
     from pfengine.config import Request
+    from pfengine.dp.cluster import Placement
+    from pfengine.dp.pool import EnginePool
     from pfengine.engine import Engine
     from pfengine.eval.dataset import Problem
-    from pfengine.eval.runner import ResultHook, Run
+    from pfengine.eval.runner import RequestBuilder, ResultHook, Run
+    from pfengine.server import EngineFront
     from pfengine.state import PFResult
 
 TRACE_PROBLEMS = 10
@@ -142,6 +146,39 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--max-overtakes", type=int, default=_default(EngineConfig, "max_overtakes"),
                      help="admission: later requests that fit may start before a waiting one that does not fit "
                           "yet at most this many times, then it goes first (default %(default)s)")
+
+
+def _add_ray_options(p: argparse.ArgumentParser, count: str, what: str) -> None:
+    """``count`` (``--workers`` / ``--replicas``): engines on Ray, each in its own process."""
+    g = p.add_argument_group("data parallelism on Ray (pip install 'pfengine[ray]')")
+    g.add_argument(count, type=_positive, default=1, metavar="K",
+                   help=f"{what}; more than 1 (or --ray-address) runs each engine in a Ray actor, on a local cluster "
+                        "of this machine unless --ray-address is given (default 1: one engine in this process)")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="run the engines on the Ray cluster there (the address `ray start --head` printed, e.g. "
+                        "10.0.0.1:6379; default: $RAY_ADDRESS, else a local cluster started for this command)")
+    g.add_argument("--worker-cpus", type=_positive, default=None, metavar="N",
+                   help="CPUs each engine reserves, and its torch threads (default 1)")
+    g.add_argument("--worker-gpus", type=int, default=None, metavar="G",
+                   help="GPUs each engine reserves; with any, the engines run on CUDA (default 0)")
+
+
+def placement(args: argparse.Namespace, count: str) -> Placement | None:
+    """Where the engines of ``eval`` / ``serve`` run: None for one engine in this process."""
+    from pfengine.dp.cluster import Placement
+
+    engines = getattr(args, count.lstrip("-"))
+    if engines == 1 and args.ray_address is None:
+        for flag in ("--worker-cpus", "--worker-gpus"):
+            if getattr(args, flag[2:].replace("-", "_")) is not None:
+                raise ValueError(f"{flag}: applies to engines on Ray ({count} > 1 or --ray-address)")
+        return None
+    where = Placement(engines, 1 if args.worker_cpus is None else args.worker_cpus,
+                      0 if args.worker_gpus is None else args.worker_gpus, args.ray_address, count)
+    if 0 < where.gpus < args.tensor_parallel_size:
+        raise ValueError(f"--worker-gpus {where.gpus}: each engine is split over --tensor-parallel-size "
+                         f"{args.tensor_parallel_size} GPUs; give each worker that many")
+    return where
 
 
 def _add_request_options(p: argparse.ArgumentParser, sampling: SamplingParams = SamplingParams(),
@@ -278,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trace-problems", type=_positive, default=TRACE_PROBLEMS, metavar="K",
                    help=f"with --trace-html: how many problems of each run to draw (default {TRACE_PROBLEMS})")
     _add_engine_options(ev)
+    _add_ray_options(ev, "--workers", "engines the problems are spread over (each runs whole requests; the results "
+                                      "equal one engine's)")
     _add_prompt_options(ev)
     _add_request_options(ev, budget=False)
     _add_output_options(ev, json_help="print the summary as JSON on stdout (instead of Markdown)")
@@ -362,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--enable-docs", action="store_true", help="serve /docs and /openapi.json (off by default)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
+    _add_ray_options(srv, "--replicas", "engine replicas behind the one endpoint (a request runs on the least loaded; "
+                                        "Ray restarts a replica that dies)")
 
     bench = sub.add_parser("bench", help="time N requests of one shape and report tokens/s",
                            description="Submit --requests requests of the same shape (up to --concurrency in flight; "
@@ -440,6 +481,10 @@ def flag_of(field: str, flags: dict[str, str] = FLAGS) -> str:
 def make_engine(args: argparse.Namespace) -> Engine:
     from pfengine.engine import Engine
 
+    return Engine(engine_config(args))
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
     model, prm = args.model, args.prm
     if model is None:
         model, default_prm = default_checkpoint()
@@ -447,10 +492,26 @@ def make_engine(args: argparse.Namespace) -> Engine:
     print(f"Model: {model}" + (f" + PRM {prm}" if prm else " (no PRM)"),
           file=sys.stderr if getattr(args, "json", False) else sys.stdout)
     limits = {name: getattr(args, name) for name in LIMITS}
-    return Engine(EngineConfig(model=model, prm=prm, num_blocks=args.num_blocks, block_size=args.block_size,
-                               kv_dtype=args.kv_dtype, max_particles=args.max_particles,
-                               max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
-                               **limits))
+    return EngineConfig(model=model, prm=prm, num_blocks=args.num_blocks, block_size=args.block_size,
+                        kv_dtype=args.kv_dtype, max_particles=args.max_particles, max_model_len=args.max_model_len,
+                        tensor_parallel_size=args.tensor_parallel_size, **limits)
+
+
+@contextmanager
+def engine_pool(args: argparse.Namespace, where: Placement) -> Iterator[EnginePool]:
+    """The engines of ``where``, started, while Ray is connected."""
+    from pfengine.dp.cluster import connected, require_ray
+
+    require_ray(where.option)  # before importing the pool, which imports ray
+    from pfengine.dp.pool import EnginePool
+
+    with connected(where):
+        pool = EnginePool(engine_config(args), where)
+        pool.start()
+        for r in pool.replicas:
+            print(f"engine {r.index}: pid {r.pid} on {r.host}, {r.threads} torch thread(s)"
+                  f"{f', {where.gpus} GPU(s)' if where.gpus else ''}", file=sys.stderr)
+        yield pool
 
 
 def default_checkpoint() -> tuple[str, str]:
@@ -464,7 +525,7 @@ def default_checkpoint() -> tuple[str, str]:
     return str(POLICY), str(PRM)
 
 
-def use_chat(engine: Engine, chat: bool | None) -> bool:
+def use_chat(engine: EngineFront, chat: bool | None) -> bool:
     """``--chat`` / ``--no-chat``, or (neither given) whether the tokenizer has a chat template."""
     has_template = bool(getattr(engine.tokenizer, "chat_template", None))
     if chat and not has_template:
@@ -472,7 +533,7 @@ def use_chat(engine: Engine, chat: bool | None) -> bool:
     return has_template if chat is None else chat
 
 
-def make_prompt(engine: Engine, args: argparse.Namespace, text: str) -> str | list[dict]:
+def make_prompt(engine: EngineFront, args: argparse.Namespace, text: str) -> str | list[dict]:
     """``text`` as chat messages (with the system prompt) when the chat template is used, else as is."""
     if not use_chat(engine, args.chat):
         if args.system_prompt:
@@ -563,11 +624,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pfengine.eval.dataset import read_problems
 
-    problems = read_problems(args.data)[:args.limit]  # bad data fails before the model loads
-    return run_eval(args, make_engine(args), problems)
+    where = placement(args, "--workers")  # bad options and bad data fail before the model loads
+    problems = read_problems(args.data)[:args.limit]
+    if where is None:
+        return run_eval(args, make_engine(args), problems)
+    with engine_pool(args, where) as pool:
+        return run_eval(args, pool.front, problems, pool)
 
 
-def run_eval(args: argparse.Namespace, engine: Engine, problems: list[Problem]) -> int:
+def run_eval(args: argparse.Namespace, engine: EngineFront, problems: list[Problem], pool: EnginePool | None = None
+             ) -> int:
+    """Evaluate on ``engine``, or on ``pool`` (whose front ``engine`` is)."""
     from pfengine.eval import report, runner
 
     methods = args.method or [SearchParams().method]
@@ -575,16 +642,18 @@ def run_eval(args: argparse.Namespace, engine: Engine, problems: list[Problem]) 
     out = Path(args.out or Path("out/eval") / Path(args.data).stem)
     chat = use_chat(engine, args.chat)
     runner.prepare_out(out, eval_settings(args, engine, chat), args.fresh)
-
-    def build(problem: Problem, run: Run, seed: int) -> Request:
-        request = make_request(args, make_prompt(engine, args, problem.problem), seed, run.method, run.budget)
-        return replace(request, reference_answer=problem.answer)  # for PF's expected accuracy
-
+    build = eval_requests(args, engine)
     if args.trace_problems != TRACE_PROBLEMS and not args.trace_html:
         raise ValueError("--trace-problems: only with --trace-html DIR (it says how many problems to draw)")
     trace = _eval_tracer(args.trace_html, args.trace_problems, engine) if args.trace_html else None
-    records = runner.evaluate(engine, problems, runs, build, args.seed, out, progress=not args.no_progress,
-                              on_result=trace)
+    if pool is None:
+        records = runner.evaluate(engine, problems, runs, build, args.seed, out, progress=not args.no_progress,
+                                  on_result=trace)
+    else:
+        from pfengine.dp.eval import evaluate_on_pool
+
+        records = evaluate_on_pool(pool, problems, runs, build, args.seed, out, progress=not args.no_progress,
+                                   on_result=trace)
     rows = report.summarise(records, [(r.method, r.budget) for r in runs])
     paths = report.write(rows, out, title=f"pfengine on {Path(args.data).name} ({len(problems)} problems)")
     if args.json:
@@ -596,7 +665,18 @@ def run_eval(args: argparse.Namespace, engine: Engine, problems: list[Problem]) 
     return 0
 
 
-def _eval_tracer(out_dir: str, limit: int, engine: Engine) -> ResultHook:
+def eval_requests(args: argparse.Namespace, engine: EngineFront) -> RequestBuilder:
+    """How ``eval`` turns a problem of a run into a request: the prompt options, the run's method and
+    budget, the sampling and search options, the given seed; the problem's reference answer, for PF's
+    expected accuracy."""
+    def build(problem: Problem, run: Run, seed: int) -> Request:
+        request = make_request(args, make_prompt(engine, args, problem.problem), seed, run.method, run.budget)
+        return replace(request, reference_answer=problem.answer)
+
+    return build
+
+
+def _eval_tracer(out_dir: str, limit: int, engine: EngineFront) -> ResultHook:
     """Draw the genealogy (HTML only: a PNG per problem would cost more than the run) of each
     finished request among the first ``limit`` problems, graded against the problem's reference."""
     from pfengine import genealogy
@@ -611,7 +691,7 @@ def _eval_tracer(out_dir: str, limit: int, engine: Engine) -> ResultHook:
     return trace
 
 
-def eval_settings(args: argparse.Namespace, engine: Engine, chat: bool) -> dict:
+def eval_settings(args: argparse.Namespace, engine: EngineFront, chat: bool) -> dict:
     """Everything that decides an evaluation's results but its methods, budgets and problem count:
     a rerun resumes only under the same settings."""
     search = asdict(make_search(args, SearchParams().method, 1))
@@ -767,23 +847,31 @@ def print_result(result: PFResult, stats: dict[str, int], seconds: float) -> Non
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pfengine.http_gate import GateConfig
-    from pfengine.server import ServerConfig, serve
-
     for flag in ("max_body_bytes", "max_completions"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key must not be empty")
-    engine = make_engine(args)
+    where = placement(args, "--replicas")
+    if where is None:
+        return _serve(args, make_engine(args))
+    with engine_pool(args, where) as pool:
+        return _serve(args, pool.front, pool)
+
+
+def _serve(args: argparse.Namespace, engine: EngineFront, pool: EnginePool | None = None) -> int:
+    from pfengine.http_gate import GateConfig
+    from pfengine.server import ServerConfig, serve
+
     config = ServerConfig(served_model_name=args.served_model_name,
                           gate=GateConfig(api_key=args.api_key, allowed_hosts=args.allowed_hosts,
                                           max_body_bytes=args.max_body_bytes),
                           max_completions=args.max_completions, enable_docs=args.enable_docs)
     name = args.served_model_name or Path(engine.config.model).name
-    print(f"pfengine: serving {name} on http://{args.host}:{args.port}/v1"
+    replicas = f" from {len(pool.replicas)} engine replicas" if pool is not None else ""
+    print(f"pfengine: serving {name}{replicas} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if args.api_key else ''}", file=sys.stderr)
-    serve(engine, host=args.host, port=args.port, config=config, log_level=args.log_level)
+    serve(engine, host=args.host, port=args.port, config=config, log_level=args.log_level, aengine=pool)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP server over one :class:`~pfengine.async_engine.AsyncEngine`.
+"""OpenAI-compatible HTTP server over one :class:`~pfengine.async_engine.AsyncEngine`, or over a pool
+of engine replicas on Ray (``pfengine serve --replicas K``, :mod:`pfengine.dp.pool`).
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /health``.
 
@@ -52,7 +53,7 @@ import typing
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Protocol
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
@@ -65,7 +66,6 @@ from starlette.types import Receive, Scope, Send
 from pfengine.async_engine import AsyncEngine
 from pfengine.cache import OutOfBlocks
 from pfengine.config import EngineConfig, InvalidArgument, Request, SamplingParams, SearchParams, check_prompt
-from pfengine.engine import Engine
 from pfengine.http_gate import Gate, GateConfig
 from pfengine.prompting import (NO_DELIMITER, chat_prompt, common_prefix, encode_prompt, stop_list, stream_safe,
                                 trim_at_stop)
@@ -106,6 +106,29 @@ class ServerConfig:
     """Prompts x ``n`` of one request."""
     enable_docs: bool = False
     """Serve ``/docs`` and ``/openapi.json``."""
+
+
+class EngineFront(Protocol):
+    """What the app reads of the engine it serves: an :class:`~pfengine.engine.Engine`, or the
+    front of a pool of engine replicas (:class:`pfengine.dp.front.Front`)."""
+
+    config: EngineConfig
+    tokenizer: Any
+    max_len: int
+    eos_ids: frozenset[int]
+
+    def detokenize(self, tokens: list[int]) -> str: ...
+
+
+class Backend(Protocol):
+    """What runs the app's requests: an :class:`~pfengine.async_engine.AsyncEngine`, or a pool of
+    engine replicas on Ray (:class:`pfengine.dp.pool.EnginePool`)."""
+
+    def astream(self, request: Request) -> AsyncIterator[Event]: ...
+
+    async def agenerate(self, request: Request) -> PFResult: ...
+
+    async def health(self) -> dict: ...
 
 
 class APIError(Exception):
@@ -176,7 +199,7 @@ def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
         raise APIError(400, f"{where}.{name}: {e.errors()[0]['msg']}, got {value!r}", f"{where}.{name}") from None
 
 
-def build_job(engine: Engine, prompt: str | list[dict], body: _Body, max_tokens: int | None,
+def build_job(engine: EngineFront, prompt: str | list[dict], body: _Body, max_tokens: int | None,
               plain_max_tokens: int) -> Job:
     """Validate an HTTP body's options for one prompt and make the engine request. Tokenises: run it
     off the event loop."""
@@ -255,13 +278,13 @@ def build_job(engine: Engine, prompt: str | list[dict], body: _Body, max_tokens:
 # Results -> OpenAI objects
 
 
-def _finish_reason(engine: Engine, token_ids: list[int], stopped: bool) -> str:
+def _finish_reason(engine: EngineFront, token_ids: list[int], stopped: bool) -> str:
     if stopped or (token_ids and token_ids[-1] in engine.eos_ids):
         return "stop"
     return "length"
 
 
-def _choices(engine: Engine, job: Job, result: PFResult) -> list[tuple[str, str, int]]:
+def _choices(engine: EngineFront, job: Job, result: PFResult) -> list[tuple[str, str, int]]:
     """``(text, finish_reason, particle)`` per choice: every sample for a plain request; the chosen
     answer first (then the other candidates by weight) for a search."""
     if job.plain:
@@ -297,7 +320,7 @@ def _usage(jobs: list[Job], results: list[PFResult]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _round_info(engine: Engine, trace: StepTrace, round_no: int) -> dict:
+def _round_info(engine: EngineFront, trace: StepTrace, round_no: int) -> dict:
     leader = max(range(len(trace.log_weights)), key=lambda i: trace.log_weights[i]) if trace.log_weights else 0
     return {"round": round_no, "sweep": trace.sweep, "leader": leader,
             "leader_text": engine.detokenize(trace.tokens[leader]) if trace.tokens else "",
@@ -314,11 +337,12 @@ class _JSONResponse(JSONResponse):
         return _json(content).encode("utf-8", "backslashreplace")
 
 
-def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine``; one :class:`AsyncEngine` batches all its requests."""
+def create_app(engine: EngineFront, config: ServerConfig | None = None, aengine: Backend | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine``; ``aengine`` runs its requests (default: one
+    :class:`AsyncEngine` that batches them all)."""
     config = config or ServerConfig()
     name = config.served_model_name or Path(engine.config.model).name
-    aengine = AsyncEngine(engine)
+    aengine = aengine or AsyncEngine(engine)
     created = int(time.time())
     docs = config.enable_docs
     app = FastAPI(title="pfengine", description="OpenAI-compatible server with particle-filtering search",
@@ -353,8 +377,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": name, "running": len(engine.running), "waiting": len(engine.waiting),
-                "engine": engine.stats()}
+        return {"status": "ok", "model": name} | await aengine.health()
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -482,7 +505,7 @@ def _engine_error(e: BaseException) -> APIError:
     return APIError(500, f"engine failure: {type(e).__name__}: {e}", kind="server_error")
 
 
-async def _run_all(aengine: AsyncEngine, http: HTTPRequest, jobs: list[Job]) -> list[PFResult]:
+async def _run_all(aengine: Backend, http: HTTPRequest, jobs: list[Job]) -> list[PFResult]:
     """Run the jobs concurrently; a client that goes away cancels them (which aborts them in the
     engine and frees their blocks)."""
     tasks = [asyncio.ensure_future(aengine.agenerate(j.request)) for j in jobs]
@@ -516,7 +539,7 @@ class _ClosingStreamingResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def _stream(engine: Engine, aengine: AsyncEngine, http: HTTPRequest, job: Job, name: str, chat: bool,
+async def _stream(engine: EngineFront, aengine: Backend, http: HTTPRequest, job: Job, name: str, chat: bool,
                   include_usage: bool) -> StreamingResponse:
     events = aengine.astream(job.request)
     first = asyncio.ensure_future(events.__anext__())
@@ -528,7 +551,7 @@ async def _stream(engine: Engine, aengine: AsyncEngine, http: HTTPRequest, job: 
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _sse(engine: Engine, events: AsyncIterator[Event], first: asyncio.Future, job: Job, name: str, chat: bool,
+async def _sse(engine: EngineFront, events: AsyncIterator[Event], first: asyncio.Future, job: Job, name: str, chat: bool,
                include_usage: bool) -> AsyncIterator[str]:
     cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -626,16 +649,16 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig | None = None,
-          log_level: str = "info") -> None:
-    """Run the server in the foreground (``pfengine serve``)."""
+def serve(engine: EngineFront, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig | None = None,
+          log_level: str = "info", aengine: Backend | None = None) -> None:
+    """Run the server in the foreground (``pfengine serve``); ``aengine`` as in :func:`create_app`."""
     import uvicorn
 
     config = config or ServerConfig()
     if not is_loopback(host) and config.gate.api_key is None:
         log.warning("serving on %s, reachable from other machines, WITHOUT an API key: anyone who can reach it "
                     "can run requests; set --api-key (or PFENGINE_API_KEY)", host)
-    uvicorn.run(create_app(engine, config), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(engine, config, aengine), host=host, port=port, log_level=log_level)
 
 
 def is_loopback(host: str) -> bool:

@@ -9,6 +9,7 @@ import json
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -89,32 +90,55 @@ def read_records(path: Path) -> dict[tuple[str, str, int], dict]:
     return records
 
 
+Todo = list[tuple[Run, list[tuple[int, Problem]]]]
+"""Each run with the problems it still lacks, as ``(position in the problem list, problem)``."""
+
+
 def evaluate(engine: Engine, problems: list[Problem], runs: list[Run], build: RequestBuilder, seed: int, out: Path,
              progress: bool = True, on_result: ResultHook | None = None) -> list[dict]:
     """Run what ``out``'s results file lacks; return the records of every problem x run, in order.
     Problem ``k`` (its position in ``problems``) is sampled with seed ``seed + k`` by every run."""
-    for run in runs:  # a budget a method cannot take, or an unreadable reference, fails before anything runs
+    todo = plan_todo(problems, runs, build, seed, out)
+    with recording(out, todo, progress) as write:
+        for run, pending in todo:
+            for record in run_batch(engine, run, pending, build, seed, on_result):
+                write(record)
+    return collect(out, problems, runs)
+
+
+def plan_todo(problems: list[Problem], runs: list[Run], build: RequestBuilder, seed: int, out: Path) -> Todo:
+    """What ``out``'s results file lacks, once the inputs are checked: a budget a method cannot take,
+    or an unreadable reference, fails before anything runs."""
+    for run in runs:
         build(problems[0], run, seed)
     for p in problems:
         try:
             parse_reference(p.answer)
         except ValueError as e:
             raise ValueError(f"problem {p.unique_id}: {e}") from None
-    path = out / RESULTS
-    done = read_records(path)
-    todo = [(run, [(k, p) for k, p in enumerate(problems) if _to_run(done.get((p.unique_id, run.method, run.budget)))])
+    done = read_records(out / RESULTS)
+    return [(run, [(k, p) for k, p in enumerate(problems) if _to_run(done.get((p.unique_id, run.method, run.budget)))])
             for run in runs]
+
+
+@contextmanager
+def recording(out: Path, todo: Todo, progress: bool) -> Iterator[Callable[[dict], None]]:
+    """``write(record)``: append a graded record to the results file at once (a killed evaluation
+    loses nothing it has written) and advance the progress bar by its budget."""
     total = sum(len(pending) * run.budget for run, pending in todo)
-    with _progress_bar(total, not progress) as bar, path.open("a", encoding="utf-8") as f:
-        for run, pending in todo:
-            if not pending:
-                continue
-            bar.set_postfix_str(f"{run.method} x{run.budget}")
-            for record in run_batch(engine, run, pending, build, seed, on_result):
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                f.flush()
-                bar.update(run.budget)
-    done = read_records(path)
+    with _progress_bar(total, not progress) as bar, (out / RESULTS).open("a", encoding="utf-8") as f:
+        def write(record: dict) -> None:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            bar.set_postfix_str(f"{record['method']} x{record['budget']}", refresh=False)
+            bar.update(record["budget"])
+
+        yield write
+
+
+def collect(out: Path, problems: list[Problem], runs: list[Run]) -> list[dict]:
+    """The records of every problem x run in ``out``'s results file, in run order, then problem order."""
+    done = read_records(out / RESULTS)
     return [done[key] for run in runs for p in problems if (key := (p.unique_id, run.method, run.budget)) in done]
 
 
@@ -128,18 +152,14 @@ def run_batch(engine: Engine, run: Run, pending: list[tuple[int, Problem]], buil
     """Submit every pending problem of one run, step the engine until all are done, and yield each
     graded record as its request finishes (a failed request yields a record with its ``error``)."""
     batch, start, cpu_start = uuid.uuid4().hex[:12], time.perf_counter(), time.process_time()
-
-    def clock() -> dict[str, float]:
-        """Wall and CPU seconds (this process, all threads) since the batch started."""
-        return {"elapsed_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start}
-
     waiting: dict[int, tuple[int, Problem, Request]] = {}
     for k, problem in pending:
         try:
             request = build(problem, run, seed + k)
             waiting[engine.add_request(request)] = (k, problem, request)
         except (ValueError, TypeError) as e:
-            yield _record(problem, k, run, seed + k, batch, clock(), error=e)
+            yield make_record(problem, k, run, seed + k, batch, time.perf_counter() - start, error=e,
+                              cpu=time.process_time() - cpu_start)
     while waiting:
         for event in engine.step():
             if (event.result is None and event.error is None) or event.request_id not in waiting:
@@ -147,23 +167,28 @@ def run_batch(engine: Engine, run: Run, pending: list[tuple[int, Problem]], buil
             k, problem, request = waiting.pop(event.request_id)
             if event.result is not None and on_result is not None:
                 on_result(k, problem, run, request, event.result)
-            yield _record(problem, k, run, seed + k, batch, clock(), event.result, event.error)
+            yield make_record(problem, k, run, seed + k, batch, time.perf_counter() - start, event.result, event.error,
+                              cpu=time.process_time() - cpu_start)
 
 
-def _record(problem: Problem, index: int, run: Run, seed: int, batch: str, clock: dict[str, float],
-            result: PFResult | None = None, error: Exception | None = None) -> dict:
+def make_record(problem: Problem, index: int, run: Run, seed: int, batch: str, elapsed: float,
+                result: PFResult | None = None, error: BaseException | None = None, cpu: float | None = None) -> dict:
+    """A result graded (or a failed request) as one line of the results file; ``elapsed``: seconds
+    since its ``batch`` started; ``cpu``: CPU seconds this process spent since then, where the batch
+    ran in this process (all threads)."""
     record = {"unique_id": problem.unique_id, "index": index, "method": run.method, "budget": run.budget,
-              "seed": seed, "reference": problem.answer}
+              "seed": seed, "reference": problem.answer, "batch": batch, "elapsed_s": elapsed}
+    if cpu is not None:
+        record["cpu_s"] = cpu
     if result is None:
-        return record | {"correct": False, "error": f"{type(error).__name__}: {error}", "generated_tokens": 0,
-                         "batch": batch, **clock}
+        return record | {"correct": False, "error": f"{type(error).__name__}: {error}", "generated_tokens": 0}
     g = grade(problem.answer, result.text)
     if result.expected_accuracy is not None and run.method == "particle_filter":
         record["expected_accuracy"] = result.expected_accuracy
     return record | {"correct": g.correct, "graded_answer": g.extracted, "answer": result.answer,
                      "finish_reason": result.particles[result.best].finish_reason,
                      "prompt_tokens": result.stats.prompt_tokens, "generated_tokens": result.stats.generated_tokens,
-                     "rounds": result.stats.steps, "batch": batch, **clock, "text": result.text}
+                     "rounds": result.stats.steps, "text": result.text}
 
 
 def _progress_bar(total: int, disable: bool):
