@@ -44,7 +44,7 @@ from pfengine.toy.task import heldout_set
 RESULTS = Path(__file__).parent / "results"
 OPTIONS = ["--method", "particle_filter,best_of_n", "--budgets", "4,16", "--max-steps", "10", "--max-step-tokens", "32",
            "--temperature", "0.5", "--no-progress"]
-TIMING = ("batch", "elapsed_s")
+TIMING = ("batch", "elapsed_s", "cpu_s")
 
 
 def evaluation(args: argparse.Namespace, engine: EngineFront, run: Callable) -> tuple[list[dict], float]:

@@ -1,4 +1,5 @@
-"""The ``pfengine`` command: ``demo``, ``eval``, ``generate``, ``trace``, ``serve``, ``bench`` and ``profile``.
+"""The ``pfengine`` command: ``demo``, ``eval``, ``distill``, ``generate``, ``trace``, ``serve``, ``bench`` and
+``profile``.
 
 Heavy imports (torch, the engine, transformers, uvicorn, the profiler, math-verify) happen inside
 the subcommands, so ``pfengine --help`` and argument errors are quick. Without ``--model`` every
@@ -16,7 +17,7 @@ import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -320,6 +321,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_request_options(ev, budget=False)
     _add_output_options(ev, json_help="print the summary as JSON on stdout (instead of Markdown)")
 
+    dis = sub.add_parser("distill", help="train the policy's value head from a separate PRM's scores on PF traces",
+                         description="Run particle filtering with the separate PRM (--prm, a PRM directory) on "
+                                     "training prompts, record every state the filter scored with the PRM's "
+                                     "probability for it, and fit a value head on the policy's hidden states to "
+                                     "those probabilities: PF then runs with --prm OUT and no PRM model. Prompts: "
+                                     "the 'problem' of each line of DATA (the format of `pfengine eval`), or "
+                                     "without DATA --limit training problems of the bundled toy task.")
+    dis.add_argument("data", metavar="DATA.jsonl", nargs="?", help="training prompts (default: toy training problems)")
+    dis.add_argument("--out", required=True, metavar="HEAD.safetensors", help="where the value head is written")
+    dis.add_argument("--limit", type=_positive, default=256,
+                     help="prompts to trace: the first LIMIT of DATA, or this many toy problems (default 256)")
+    dis.add_argument("--epochs", type=_positive, default=20, help="passes over the recorded states (default 20)")
+    dis.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's)")
+    _add_engine_options(dis)
+    _add_prompt_options(dis)
+    _add_request_options(dis)
+    _add_output_options(dis, json_help="print the report as JSON on stdout")
+
     gen = sub.add_parser("generate", help="solve one prompt with a local checkpoint",
                          description="Run one request to completion and print the extracted answer with a table "
                                      "of the particles (weight, PRM score, steps, how each ended, answer, text), or "
@@ -439,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     from pfengine.model.checkpoint import CheckpointError
 
     try:
-        return {"demo": cmd_demo, "eval": cmd_eval, "generate": cmd_generate, "trace": cmd_trace, "serve": cmd_serve,
+        return {"demo": cmd_demo, "eval": cmd_eval, "distill": cmd_distill, "generate": cmd_generate, "trace": cmd_trace, "serve": cmd_serve,
                 "bench": cmd_bench, "profile": cmd_profile}[args.command](args)
     except InvalidArgument as e:
         flags = EVAL_FLAGS if args.command == "eval" else FLAGS
@@ -596,7 +615,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     path = demo.export(problems, Path(eval_args.data))
     print(f"Every method on {len(problems)} held-out problems: pfengine {shlex.join(argv)}\n")
-    return run_eval(eval_args, engine, read_problems(path))
+    code = run_eval(eval_args, engine, read_problems(path))
+    print(f"\nBudgets 1-64 on 500 held-out problems, and PF with a value head distilled from the PRM "
+          f"(pfengine distill): {demo.SCALING_RESULTS} and the README")
+    return code
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -645,9 +667,11 @@ def run_eval(args: argparse.Namespace, engine: EngineFront, problems: list[Probl
 
 def eval_requests(args: argparse.Namespace, engine: EngineFront) -> RequestBuilder:
     """How ``eval`` turns a problem of a run into a request: the prompt options, the run's method and
-    budget, the sampling and search options, the given seed."""
+    budget, the sampling and search options, the given seed; the problem's reference answer, for PF's
+    expected accuracy."""
     def build(problem: Problem, run: Run, seed: int) -> Request:
-        return make_request(args, make_prompt(engine, args, problem.problem), seed, run.method, run.budget)
+        request = make_request(args, make_prompt(engine, args, problem.problem), seed, run.method, run.budget)
+        return replace(request, reference_answer=problem.answer)
 
     return build
 
@@ -676,6 +700,41 @@ def eval_settings(args: argparse.Namespace, engine: EngineFront, chat: bool) -> 
     return {"data": str(Path(args.data).resolve()), "model": engine.config.model, "prm": engine.config.prm,
             "chat": chat, "system_prompt": args.system_prompt, "beam_width": args.beam_width,
             "sampling": asdict(make_sampling(args, args.seed)), "search": search}
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pfengine import distill
+    from pfengine.eval.dataset import read_problems
+
+    if not str(args.out).endswith(".safetensors"):
+        raise ValueError(f"--out {args.out!r}: expected a .safetensors file name")
+    texts = ([p.problem for p in read_problems(args.data)[:args.limit]] if args.data
+             else distill.toy_problems(args.limit, args.seed))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prm = args.prm or (None if args.model else default_checkpoint()[1])
+    if prm is None or not Path(prm).is_dir():
+        raise ValueError(f"--prm {prm!r}: expected a PRM checkpoint directory (distill learns from a separate PRM)")
+    engine = make_engine(args)
+    requests = [make_request(args, make_prompt(engine, args, text), args.seed + k) for k, text in enumerate(texts)]
+    start = time.perf_counter()
+    with _progress(len(requests), "distill: PF traces", "prompt", args.no_progress) as bar:
+        trajs = distill.collect(engine, requests, progress=bar.update)
+    seconds_trace = time.perf_counter() - start
+    policy = AutoModelForCausalLM.from_pretrained(engine.config.model, dtype=torch.float32)
+    log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    head, report = distill.distill(policy, engine.tokenizer.pad_token_id or 0, trajs,
+                                   distill.FitConfig(epochs=args.epochs, seed=args.seed), log)
+    distill.save_head(head, args.out)
+    report |= {"prompts": len(requests), "particles": args.particles, "aggregation": args.aggregation,
+               "seconds_trace": seconds_trace, "seconds_total": time.perf_counter() - start}
+    print(json.dumps(report, indent=1))
+    if not args.json:
+        print(f"Wrote {args.out}: PF without the PRM model runs with --model {engine.config.model} --prm {args.out}")
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("command, options", [
-    (None, ["demo", "eval", "generate", "serve", "bench", "profile", "separate PRM"]),
+    (None, ["demo", "eval", "distill", "generate", "serve", "bench", "profile", "separate PRM"]),
     ("generate", ["--model", "--prm", "--prompt", "--chat", "--no-chat", "--system-prompt", "--method", "--particles",
                   "--aggregation", "--resampling", "--ess-threshold", "--beam-width", "--temperatures", "--seed",
                   "--max-steps", "--json"]),
@@ -37,6 +37,8 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
                "--served-model-name", "/v1/chat/completions"]),
     ("bench", ["--requests", "--concurrency", "tokens/s", "--fixed-steps", "--no-fixed-steps", "--json"]),
     ("profile", ["--out", "Perfetto", "--row-limit", "--fixed-steps", "--json"]),
+    ("distill", ["DATA.jsonl", "--out", "--limit", "--epochs", "--prm", "--particles", "--aggregation",
+                 "value head", "no PRM model"]),
     ("demo", ["--problems", "--budgets", "--particles", "--temperature", "--out", "pfengine eval"]),
     ("eval", ["DATA.jsonl", "--method", "--budgets", "--limit", "--out", "--fresh", "grade each answer", "Wilson",
               "results.jsonl", "--temperature", "--chat"]),

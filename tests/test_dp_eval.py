@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not is_bundled(), reason="the
 PROBLEMS = 32
 WORKLOAD = ["--method", "particle_filter,best_of_n", "--budgets", "4,16", "--max-steps", "10", "--max-step-tokens",
             "32", "--temperature", "0.5", "--no-progress"]
-TIMING = ("batch", "elapsed_s")
+TIMING = ("batch", "elapsed_s", "cpu_s")
 """What may differ between two evaluations of the same settings: when each result came."""
 
 

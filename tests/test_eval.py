@@ -133,6 +133,31 @@ def test_summary_counts_each_batch_once_and_failures_as_wrong(tmp_path):
     assert json.loads(paths[1].read_text())[0]["accuracy"] == 0.5 and paths[2].stat().st_size > 0
 
 
+def test_pf_rows_carry_the_mean_expected_accuracy_next_to_the_argmax_accuracy(tmp_path):
+    pf = dict(method="particle_filter", budget=8, generated_tokens=10, batch="a", elapsed_s=1.0)
+    records = [pf | dict(correct=True, expected_accuracy=0.75), pf | dict(correct=False, expected_accuracy=0.25),
+               pf | dict(correct=False, error="OutOfBlocks: ..."),  # no estimate: counts as 0
+               dict(method="best_of_n", budget=8, generated_tokens=10, batch="b", elapsed_s=1.0, correct=True)]
+    rows = report.summarise(records, [("particle_filter", 8), ("best_of_n", 8)])
+    assert rows[0].expected == pytest.approx(1.0 / 3) and rows[1].expected is None
+    table = report.markdown(rows).splitlines()
+    assert "PF expected accuracy" in table[0]
+    assert table[2].startswith("| Particle filtering | 8 | 33.3% (1/3) |") and "| 33.3% |" in table[2]
+    assert table[3].startswith("| BoN | 8 | 100.0% (1/1) | 20.7–100.0% | |")
+    assert json.loads(report.write(rows, tmp_path, "t")[1].read_text())[0]["expected"] == pytest.approx(1.0 / 3)
+
+
+def test_cpu_time_is_summed_over_batches_and_only_where_every_record_has_it():
+    rec = dict(method="best_of_n", budget=4, generated_tokens=1, correct=True)
+    timed = [rec | dict(batch="a", elapsed_s=2.0, cpu_s=1.0), rec | dict(batch="a", elapsed_s=3.0, cpu_s=2.5),
+             rec | dict(batch="b", elapsed_s=1.0, cpu_s=0.5)]
+    (row,) = report.summarise(timed, [("best_of_n", 4)])
+    assert row.cpu_seconds == pytest.approx(3.0)
+    assert report.markdown([row]).splitlines()[0].endswith("| wall (s) | CPU (s) |")
+    (old,) = report.summarise(timed + [rec | dict(batch="c", elapsed_s=1.0)], [("best_of_n", 4)])
+    assert old.cpu_seconds is None and "CPU" not in report.markdown([old])
+
+
 def test_without_matplotlib_the_summary_is_written_without_the_plot(tmp_path, monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -173,6 +198,7 @@ def test_eval_writes_one_line_per_run_resumes_and_guards_its_settings(tmp_path, 
     for (method, budget) in (("greedy", 1), ("best_of_n", 1), ("best_of_n", 2)):  # one engine batch per run
         assert len({r["batch"] for r in first if (r["method"], r["budget"]) == (method, budget)}) == 1
     assert all(r["seed"] == int(r["unique_id"][1:]) and r["finish_reason"] for r in first)  # seed + k
+    assert all(0 < r["cpu_s"] for r in first)
     assert "| Greedy | 1 |" in capsys.readouterr().out and (out / "accuracy_vs_budget.png").is_file()
 
     assert main(argv) == 0 and lines(out) == first  # nothing left to run
@@ -187,6 +213,28 @@ def test_eval_writes_one_line_per_run_resumes_and_guards_its_settings(tmp_path, 
     assert main(argv + ["--temperature", "0.3"]) == 2
     assert "holds results of other settings (sampling.temperature: 0.8 -> 0.3)" in capsys.readouterr().err
     assert main(argv + ["--temperature", "0.3", "--fresh"]) == 0 and len(lines(out)) == 9
+
+
+def test_eval_records_pf_expected_accuracy_against_the_reference(tmp_path, capsys, policy_dir, value_head_file):
+    """Oracle: the estimate recomputed from the particles' answers and weights of the same request."""
+    from pfengine import Engine, EngineConfig, Request, SamplingParams, SearchParams
+
+    problems = [Problem(f"Step {k}: add {k} and 25.", str(k + 25), f"p{k}") for k in range(2)]
+    data = write_problems(problems, tmp_path / "toy.jsonl")
+    out = tmp_path / "out"
+    assert main(["eval", str(data), "--model", policy_dir, "--prm", value_head_file, "--method",
+                 "particle_filter,best_of_n", "--budgets", "4", "--no-chat", "--out", str(out), *TINY]) == 0
+    engine = Engine(EngineConfig(model=policy_dir, prm=value_head_file, num_blocks=256, block_size=8))
+    for r in lines(out):
+        if r["method"] != "particle_filter":
+            assert "expected_accuracy" not in r
+            continue
+        result = engine.generate([Request(prompt=problems[r["index"]].problem, sampling=SamplingParams(
+            seed=r["seed"], max_steps=2, max_step_tokens=4), search=SearchParams(n_particles=4))])[0]
+        want = sum(p.weight for p in result.particles if p.answer == r["reference"]) / sum(
+            p.weight for p in result.particles)
+        assert r["expected_accuracy"] == pytest.approx(want)
+    assert "PF expected accuracy" in capsys.readouterr().out
 
 
 def test_eval_records_a_failed_request_and_retries_it(tmp_path, capsys, policy_dir):
@@ -236,3 +284,36 @@ def test_eval_draws_the_genealogy_of_its_first_problems_with_their_grade(tmp_pat
             verdicts.append(re.search(r'<p class="(ok|bad)" id="pf-verdict">', page.read_text()).group(1))
             assert verdicts[-1] == ("ok" if r["correct"] else "bad")
     assert len(verdicts) == 10 and "ok" in verdicts
+
+
+def test_pareto_puts_each_runs_rows_at_their_seconds_per_problem(tmp_path, capsys):
+    from pfengine.eval import pareto
+
+    def summary(name: str, seconds: list[float]) -> Path:
+        rows = [report.Row("particle_filter", b, b, 10, *report.wilson(b, 10), 100, s, cpu_seconds=s / 2)
+                for b, s in zip((1, 4), seconds)] + [report.Row("best_of_n", 4, 1, 10, 0.0, 0.5, 100, 9.0)]
+        report.write(rows, tmp_path / name, name)
+        return tmp_path / name
+
+    prm, head = summary("prm", [2.0, 8.0]), summary("head", [1.0, 3.0])
+    assert pareto.main([f"separate PRM={prm}", f"head={head}", "--out", str(tmp_path / "p")]) == 0
+    table = (tmp_path / "p" / "pareto.md").read_text().splitlines()
+    assert table[2:] == ["| separate PRM | 1 | 10.0% (1/10) | 1.8–40.4% | 0.2000 |",
+                         "| separate PRM | 4 | 40.0% (4/10) | 16.8–68.7% | 0.8000 |",
+                         "| head | 1 | 10.0% (1/10) | 1.8–40.4% | 0.1000 |",
+                         "| head | 4 | 40.0% (4/10) | 16.8–68.7% | 0.3000 |"]
+    assert (tmp_path / "p" / "pareto.png").stat().st_size > 0
+    assert pareto.main([f"head={head}", "--cost", "cpu", "--out", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "pareto.md").read_text().splitlines()[2:] == [
+        "| head | 1 | 10.0% (1/10) | 1.8–40.4% | 0.0500 |", "| head | 4 | 40.0% (4/10) | 16.8–68.7% | 0.1500 |"]
+    capsys.readouterr()
+    assert pareto.main([f"x={tmp_path / 'nowhere'}", "--out", str(tmp_path / "p")]) == 2
+    assert "no summary.json there" in capsys.readouterr().err
+    assert pareto.main([f"x={prm}", "--method", "dvts", "--out", str(tmp_path / "p")]) == 2
+    assert "summary.json has no dvts rows" in capsys.readouterr().err
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "summary.json").write_text(json.dumps([{"method": "particle_filter", "budget": 4, "correct": 1,
+                                                               "total": 2, "low": 0.1, "high": 0.9, "tokens": 9,
+                                                               "seconds": 1.0}]))
+    assert pareto.main([f"x={tmp_path / 'old'}", "--cost", "cpu", "--out", str(tmp_path / "p")]) == 2
+    assert "its results have no CPU times" in capsys.readouterr().err

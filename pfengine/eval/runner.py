@@ -151,14 +151,15 @@ def run_batch(engine: Engine, run: Run, pending: list[tuple[int, Problem]], buil
               seed: int, on_result: ResultHook | None = None) -> Iterator[dict]:
     """Submit every pending problem of one run, step the engine until all are done, and yield each
     graded record as its request finishes (a failed request yields a record with its ``error``)."""
-    batch, start = uuid.uuid4().hex[:12], time.perf_counter()
+    batch, start, cpu_start = uuid.uuid4().hex[:12], time.perf_counter(), time.process_time()
     waiting: dict[int, tuple[int, Problem, Request]] = {}
     for k, problem in pending:
         try:
             request = build(problem, run, seed + k)
             waiting[engine.add_request(request)] = (k, problem, request)
         except (ValueError, TypeError) as e:
-            yield make_record(problem, k, run, seed + k, batch, time.perf_counter() - start, error=e)
+            yield make_record(problem, k, run, seed + k, batch, time.perf_counter() - start, error=e,
+                              cpu=time.process_time() - cpu_start)
     while waiting:
         for event in engine.step():
             if (event.result is None and event.error is None) or event.request_id not in waiting:
@@ -166,23 +167,28 @@ def run_batch(engine: Engine, run: Run, pending: list[tuple[int, Problem]], buil
             k, problem, request = waiting.pop(event.request_id)
             if event.result is not None and on_result is not None:
                 on_result(k, problem, run, request, event.result)
-            yield make_record(problem, k, run, seed + k, batch, time.perf_counter() - start, event.result, event.error)
+            yield make_record(problem, k, run, seed + k, batch, time.perf_counter() - start, event.result, event.error,
+                              cpu=time.process_time() - cpu_start)
 
 
 def make_record(problem: Problem, index: int, run: Run, seed: int, batch: str, elapsed: float,
-                result: PFResult | None = None, error: BaseException | None = None) -> dict:
+                result: PFResult | None = None, error: BaseException | None = None, cpu: float | None = None) -> dict:
     """A result graded (or a failed request) as one line of the results file; ``elapsed``: seconds
-    since its ``batch`` started."""
+    since its ``batch`` started; ``cpu``: CPU seconds this process spent since then, where the batch
+    ran in this process (all threads)."""
     record = {"unique_id": problem.unique_id, "index": index, "method": run.method, "budget": run.budget,
-              "seed": seed, "reference": problem.answer}
+              "seed": seed, "reference": problem.answer, "batch": batch, "elapsed_s": elapsed}
+    if cpu is not None:
+        record["cpu_s"] = cpu
     if result is None:
-        return record | {"correct": False, "error": f"{type(error).__name__}: {error}", "generated_tokens": 0,
-                         "batch": batch, "elapsed_s": elapsed}
+        return record | {"correct": False, "error": f"{type(error).__name__}: {error}", "generated_tokens": 0}
     g = grade(problem.answer, result.text)
+    if result.expected_accuracy is not None and run.method == "particle_filter":
+        record["expected_accuracy"] = result.expected_accuracy
     return record | {"correct": g.correct, "graded_answer": g.extracted, "answer": result.answer,
                      "finish_reason": result.particles[result.best].finish_reason,
                      "prompt_tokens": result.stats.prompt_tokens, "generated_tokens": result.stats.generated_tokens,
-                     "rounds": result.stats.steps, "batch": batch, "elapsed_s": elapsed, "text": result.text}
+                     "rounds": result.stats.steps, "text": result.text}
 
 
 def _progress_bar(total: int, disable: bool):

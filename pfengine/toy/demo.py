@@ -17,6 +17,8 @@ from pfengine.toy.task import Problem
 METHODS = ("greedy", "best_of_n", "weighted_best_of_n", "self_consistency", "beam_search", "dvts", "particle_filter")
 BEAM_WIDTH = 4
 """Beam search and DVTS keep ``budget`` beams in groups of (at most) 4, as search-and-learn does."""
+SCALING_RESULTS = "bench/results/toy-scaling/"
+"""Where the full sweep (budgets 1-64, 500 problems) and the distillation's Pareto plot are kept."""
 
 
 def export(problems: list[Problem], path: Path) -> Path:

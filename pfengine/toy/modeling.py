@@ -1,14 +1,14 @@
 """Pieces shared by training and evaluation: example encoding, a batched sampler over a
 transformers model, cutting generated tokens into steps exactly as the engine does, step labels,
-hidden states at step ends, and the PRM head."""
+hidden states at step ends, and the PRM's inputs (the heads are :class:`pfengine.distill.Head`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from transformers import DynamicCache
 
+from pfengine.distill import hidden_at
 from pfengine.toy.task import Problem, check_steps
 from pfengine.toy.tokenizer import STEP_TAG, prompt_ids, step_ids
 
@@ -181,37 +181,12 @@ def sample_solutions(model, tokenizer, problems: list[Problem], k: int, temperat
 # Step-end hidden states (value head) and tagged sequences (separate PRM)
 # ---------------------------------------------------------------------------------------------
 
-class Head(nn.Module):
-    """``Linear(H,H) -> ReLU -> Linear(H,2)``, saved as ``score.0.*`` / ``score.2.*``."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.score = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.score(h)
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {f"score.{k}": v.detach().clone().contiguous() for k, v in self.score.state_dict().items()}
-
-
-@torch.no_grad()
-def step_end_hidden(model, samples: list[Sampled], pad_id: int, batch_size: int = 64
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The policy's final (post-norm) hidden state at the last token of every step.
-    Returns ``(hidden [M, H], labels [M], sample index [M])``."""
-    hs, ys, owner = [], [], []
-    model.eval()
-    for b in range(0, len(samples), batch_size):
-        chunk = samples[b:b + batch_size]
-        ids = pad_batch([s.prompt + s.tokens for s in chunk], pad_id)
-        h = model.model(input_ids=ids).last_hidden_state
-        for j, s in enumerate(chunk):
-            pos = [len(s.prompt) + e - 1 for _, e in s.spans]
-            hs.append(h[j, pos])
-            ys += [int(v) for v in s.labels]
-            owner += [b + j] * len(pos)
-    return torch.cat(hs).float(), torch.tensor(ys), torch.tensor(owner)
+def step_end_hidden(model, samples: list[Sampled], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's final (post-norm) hidden state at the last token of every step, and the steps'
+    labels: ``(hidden [M, H], labels [M])``."""
+    hidden = hidden_at(model, [s.prompt + s.tokens for s in samples],
+                       [[len(s.prompt) + e - 1 for _, e in s.spans] for s in samples], pad_id)
+    return hidden, torch.tensor([int(v) for s in samples for v in s.labels])
 
 
 def tagged_sequence(sample: Sampled, tag_id: int, mode: str, cut: int | None = None) -> tuple[list[int], list[int], list[int]]:

@@ -1,11 +1,13 @@
 """Measure the toy PRMs on their own: step-level accuracy and AUROC on held-out sampled steps.
 
     python -m pfengine.toy.prm_eval [--ckpt pfengine/toy/checkpoints] [--problems 200] [--k 8] [--seed 7]
+                                    [--value-head NAME=FILE ...]
 
 The policy samples ``k`` solutions per held-out problem at T=0.8; each step is labelled
 programmatically (1 while the prefix is still correct). Scored:
 
-- ``value_head``: the head on the policy's final hidden state at each step's last token;
+- ``value_head``: the head on the policy's final hidden state at each step's last token (and each
+  further head given as ``--value-head NAME=FILE``, e.g. one written by ``pfengine distill``);
 - ``prm_model``: the separate PRM as the engine feeds it under ``model`` aggregation (the prefix,
   untagged, plus one step tag);
 - ``prm_tagged``: the separate PRM with a tag after every step (``last`` / ``prod`` / ``min``).
@@ -21,7 +23,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Model
 
-from pfengine.toy.modeling import (Head, Sampled, engine_solutions, gather, prm_batch, prm_hidden, step_end_hidden,
+from pfengine.distill import Head
+from pfengine.toy.modeling import (Sampled, engine_solutions, gather, prm_batch, prm_hidden, step_end_hidden,
                                    tag_id_of)
 from pfengine.toy.task import heldout_set
 
@@ -71,7 +74,7 @@ def head_probs(head: Head, hidden: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def value_head_probs(policy, head: Head, samples: list[Sampled], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    hidden, labels, _ = step_end_hidden(policy, samples, pad_id)
+    hidden, labels = step_end_hidden(policy, samples, pad_id)
     return head_probs(head, hidden), labels.numpy()
 
 
@@ -95,17 +98,19 @@ def load_head(tensors: dict[str, torch.Tensor]) -> Head:
 
 
 def evaluate(policy_dir: str | Path, prm_dir: str | Path | None, n_problems: int = 200, k: int = 8,
-             seed: int = 7, samples: list[Sampled] | None = None) -> dict:
+             seed: int = 7, samples: list[Sampled] | None = None, heads: dict[str, Path] | None = None) -> dict:
     """Score the steps of ``samples``, or of ``k`` solutions per held-out problem sampled from the
-    policy at T=0.8 by the engine."""
+    policy at T=0.8 by the engine, by the policy's value head, each of ``heads`` (name -> file) and the
+    separate PRM."""
     policy_dir = Path(policy_dir)
     tok = AutoTokenizer.from_pretrained(str(policy_dir), local_files_only=True)
     policy = AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32).eval()
     if samples is None:
         samples = engine_solutions(policy_dir, heldout_set(n_problems), k, 0.8, seed)
     out: dict = {"problems": len({s.problem for s in samples}), "samples": len(samples)}
-    head = load_head(load_file(str(policy_dir / "value_head.safetensors")))
-    out["value_head"] = step_metrics(*value_head_probs(policy, head, samples, tok.pad_token_id))
+    for name, path in ({"value_head": policy_dir / "value_head.safetensors"} | (heads or {})).items():
+        head = load_head(load_file(str(path)))
+        out[name] = step_metrics(*value_head_probs(policy, head, samples, tok.pad_token_id))
     if prm_dir is not None:
         prm_dir = Path(prm_dir)
         backbone = Qwen2Model.from_pretrained(str(prm_dir), dtype=torch.float32).eval()
@@ -124,11 +129,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--value-head", type=_named_file, action="append", default=[], metavar="NAME=FILE",
+                    help="also score this value head (a .safetensors file for the policy) under NAME")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     ckpt = Path(a.ckpt)
     prm = ckpt / "prm" if (ckpt / "prm").is_dir() else None
-    print(json.dumps(evaluate(ckpt / "policy", prm, a.problems, a.k, a.seed), indent=2))
+    print(json.dumps(evaluate(ckpt / "policy", prm, a.problems, a.k, a.seed, heads=dict(a.value_head)), indent=2))
+
+
+def _named_file(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE naming an existing file, got {text!r}")
+    return name, Path(path)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from safetensors.torch import save_file
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 from transformers.utils import logging as hf_logging
 
+from pfengine.distill import FitConfig, Head, cosine_lr, fit_head
 from pfengine.toy.modeling import (
-    Head,
     Sampled,
     StepCutter,
     encode_example,
@@ -117,13 +117,6 @@ MAX_POSITIONS = 512
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    frac = (step - warmup) / max(1, total - warmup)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def qwen2_config(size: LMSize, tokenizer) -> Qwen2Config:
@@ -239,39 +232,6 @@ def accuracy(samples: list[Sampled]) -> dict[str, float]:
             "step_accuracy": sum(sum(s.labels) for s in samples) / max(1, sum(len(s.labels) for s in samples))}
 
 
-
-# ---------------------------------------------------------------------------------------------
-# Value head on the frozen policy
-# ---------------------------------------------------------------------------------------------
-
-def train_head(hidden: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int, lr: float = 1e-3,
-               batch_size: int = 256) -> Head:
-    """Cross-entropy on precomputed step-end hidden states (the policy stays frozen)."""
-    torch.manual_seed(seed)
-    head = Head(hidden.shape[1])
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
-    g = torch.Generator().manual_seed(seed)
-    n = len(labels)
-    total = epochs * ((n + batch_size - 1) // batch_size)
-    step = 0
-    for ep in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        tot = 0.0
-        for a in range(0, n, batch_size):
-            idx = perm[a:a + batch_size]
-            loss = F.cross_entropy(head(hidden[idx]), labels[idx])
-            for grp in opt.param_groups:
-                grp["lr"] = lr_at(step, total, lr, min(50, total // 10 + 1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot += float(loss.detach()) * len(idx)
-            step += 1
-        if (ep + 1) % 10 == 0 or ep + 1 == epochs:
-            log(f"value head epoch {ep + 1}/{epochs} loss {tot / n:.4f}")
-    return head.eval()
-
-
 # ---------------------------------------------------------------------------------------------
 # Separate PRM (Qwen2.5-Math-PRM layout), initialised from the policy's backbone
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +322,7 @@ def train_prm(teacher: Qwen2ForCausalLM, tokenizer, samples: list[Sampled], b: B
         loss = (F.cross_entropy(head(gather(hidden, batch.tags)), steps)
                 + F.cross_entropy(head(gather(hidden, batch.generated)), dense)) / 2
         for g, lr in zip(opt.param_groups, base):
-            g["lr"] = lr_at(step, b.prm_steps, lr, b.warmup)
+            g["lr"] = cosine_lr(step, b.prm_steps, lr, b.warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(backbone.parameters(), 1.0)
@@ -465,8 +425,8 @@ def run(out: Path, budget: str = "default", seed: int = 0, sampler: str = "engin
     log(f"sampled {len(samples)} solutions for labels in {time.perf_counter() - t:.0f}s: {report['label_samples']}")
 
     t = time.perf_counter()
-    hidden, labels, _ = step_end_hidden(policy, samples, tokenizer.pad_token_id)
-    head = train_head(hidden, labels, b.head_epochs, seed + 3)
+    hidden, labels = step_end_hidden(policy, samples, tokenizer.pad_token_id)
+    head = fit_head(hidden, labels.float(), FitConfig(epochs=b.head_epochs, seed=seed + 3), log)
     save_file(head.state(), str(policy_dir / "value_head.safetensors"))
     report["seconds"]["value_head"] = time.perf_counter() - t
 
