@@ -8,8 +8,10 @@ from pfengine.runner import ModelRunner
 
 
 class Caches:
-    def __init__(self, policy: ModelRunner, prm: ModelRunner | None) -> None:
+    def __init__(self, policy: ModelRunner, prm: ModelRunner | None, prm_lags: bool = False) -> None:
         self.policy, self.prm = policy, prm
+        self.prm_lags = prm_lags
+        """The PRM reads no step tags and stays one token behind (a likelihood PRM)."""
         self.runners = [policy] + ([prm] if prm is not None else [])
 
     def assign(self, dst: list[int] | torch.Tensor, src: list[int] | torch.Tensor) -> None:
@@ -24,9 +26,11 @@ class Caches:
         for runner in self.runners:
             runner.fork(rows, ancestors, writes)
 
-    def truncate_to(self, row: int, policy_len: int, prm_len: int) -> None:
-        """Cut ``row`` down to the given lengths (a particle Gibbs reference prefix)."""
+    def truncate_to(self, row: int, policy_len: int, tags: int) -> None:
+        """Cut ``row`` down to ``policy_len`` tokens (a particle Gibbs reference prefix that holds
+        ``tags`` PRM step tags)."""
         r = torch.tensor([row])
+        prm_len = policy_len - 1 if self.prm_lags else policy_len + tags
         for runner, target in zip(self.runners, (policy_len, prm_len)):
             runner.blocks.truncate(r, int(runner.blocks.lens[row]) - target)
 

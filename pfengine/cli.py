@@ -21,8 +21,8 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from pfengine.config import (AGGREGATIONS, KV_DTYPES, METHODS, RESAMPLING, SELECTIONS, EngineConfig, InvalidArgument,
-                             SamplingParams, SearchParams)
+from pfengine.config import (AGGREGATIONS, KV_DTYPES, LIKELIHOOD_REDUCTIONS, METHODS, RESAMPLING, SELECTIONS,
+                             EngineConfig, InvalidArgument, PRMConfig, SamplingParams, SearchParams)
 from pfengine.prompting import NO_DELIMITER
 from pfengine.toy.pf import DEMO_TEMPERATURE
 
@@ -118,6 +118,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="process reward model: a PRM directory (Qwen2.5-Math-PRM layout) or a value-head "
                         ".safetensors file for the policy; needed by every method but greedy and self_consistency "
                         "(default with the bundled policy: its separate PRM, pfengine/toy/checkpoints/prm)")
+    g.add_argument("--prm-likelihood", choices=LIKELIHOOD_REDUCTIONS, metavar="{min,mean}",
+                   help="--prm is a causal LM (the policy's tokenizer) that scores each step by the probability it "
+                        "gives the step's least likely token (min) or the geometric mean of its tokens' (mean)")
     g.add_argument("--num-blocks", type=int, default=num_blocks,
                    help="KV-cache blocks per model (policy and PRM each); memory = blocks x block size x layers "
                         f"x KV heads x head dim x 2 (default {num_blocks}, as EngineConfig)")
@@ -492,7 +495,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     print(f"Model: {model}" + (f" + PRM {prm}" if prm else " (no PRM)"),
           file=sys.stderr if getattr(args, "json", False) else sys.stdout)
     limits = {name: getattr(args, name) for name in LIMITS}
-    return EngineConfig(model=model, prm=prm, num_blocks=args.num_blocks, block_size=args.block_size,
+    return EngineConfig(model=model, prm=prm, prm_config=PRMConfig(likelihood=args.prm_likelihood),
+                        num_blocks=args.num_blocks, block_size=args.block_size,
                         kv_dtype=args.kv_dtype, max_particles=args.max_particles, max_model_len=args.max_model_len,
                         tensor_parallel_size=args.tensor_parallel_size, **limits)
 

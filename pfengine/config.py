@@ -20,6 +20,7 @@ RESAMPLING = ("systematic", "stratified", "multinomial", "residual")
 METHODS = ("particle_filter", "particle_gibbs", "parallel_tempering", "greedy", "best_of_n",
            "weighted_best_of_n", "self_consistency", "beam_search", "dvts")
 SELECTIONS = ("argmax", "sample", "vote")
+LIKELIHOOD_REDUCTIONS = ("min", "mean")
 SEED_RANGE = (0, 2**64 - 1)
 WEIGHT_TEMPERATURE_RANGE = (1e-4, 1e4)
 """Tempered log-weights logit(r) / T stay finite and comparable in float32 inside this range."""
@@ -221,11 +222,20 @@ class SearchParams:
 class PRMConfig:
     """Tokens a model PRM reads. Qwen2.5-Math-PRM layout: the head scores the hidden state at
     ``step_tag``. Math-Shepherd style (a causal LM): set ``good_token`` / ``bad_token`` and the
-    score is P(good) / (P(good) + P(bad)) at the tag."""
+    score is P(good) / (P(good) + P(bad)) at the tag. Likelihood (a causal LM, e.g. a teacher that
+    solves the task): set ``likelihood`` to ``min`` or ``mean`` and the score is the probability
+    the LM gives the step's least likely token (``min``) or the geometric mean of its tokens'
+    probabilities (``mean``); no step tag is read."""
 
     step_tag: str = "<extra_0>"
     good_token: str | None = None
     bad_token: str | None = None
+    likelihood: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """``head`` (Qwen2.5-Math-PRM layout), ``shepherd`` or ``likelihood``."""
+        return "likelihood" if self.likelihood is not None else "shepherd" if self.good_token is not None else "head"
 
     def __post_init__(self) -> None:
         _string("step_tag", self.step_tag)
@@ -234,6 +244,10 @@ class PRMConfig:
                 _string(name, getattr(self, name))
         require((self.good_token is None) == (self.bad_token is None), "good_token",
                "set both PRMConfig.good_token and PRMConfig.bad_token (Math-Shepherd style) or neither")
+        if self.likelihood is not None:
+            _choice("likelihood", self.likelihood, LIKELIHOOD_REDUCTIONS)
+            require(self.good_token is None, "likelihood", "a likelihood PRM reads no good/bad tokens: set "
+                                                            "PRMConfig.likelihood or good_token/bad_token, not both")
 
 
 @dataclass

@@ -31,7 +31,8 @@ from pfengine.model.checkpoint import PRM_ARCHITECTURES, CheckpointError, ModelC
 from pfengine.model.shard import Shard, refusal
 from pfengine.model.tokenizer import check_same_tokenizer, eos_ids, load_tokenizer
 from pfengine.particles import MAX_MODEL_LEN, MAX_TOKENS, ParticleTable, RowLimits
-from pfengine.prm import PRM, CallablePRM, EndedSteps, ModelPRM, PRMFn, ValueHeadPRM, load_value_head
+from pfengine.prm import (PRM, CallablePRM, EndedSteps, LikelihoodPRM, ModelPRM, PRMFn, ValueHeadPRM,
+                          load_value_head)
 from pfengine.prompting import encode_prompt
 from pfengine.runner import ModelRunner
 from pfengine.sampling import RowGroup, sample
@@ -58,7 +59,7 @@ class Engine:
         except BaseException:
             self.close()
             raise
-        self.caches = Caches(self.policy, self.prm_runner)
+        self.caches = Caches(self.policy, self.prm_runner, isinstance(self.prm, LikelihoodPRM))
         rows, dev = config.max_particles, config.device
         self.table = ParticleTable(rows, self.max_len)
         self.eos_ids = eos_ids(config.model, model_cfg.eos_token_ids, self.tokenizer)
@@ -101,6 +102,8 @@ class Engine:
 
     def _load_prm(self, prm_fn: PRMFn | None, hidden_size: int) -> PRM | None:
         path, pc = self.config.prm, self.config.prm_config
+        require(pc.kind == "head" or (prm_fn is None and path is not None and Path(path).is_dir()), "prm_config",
+                f"PRMConfig {pc.kind} reads a causal LM: EngineConfig.prm must be its directory")
         if prm_fn is not None:
             if path is not None:
                 raise ValueError("give either EngineConfig.prm or prm_fn, not both")
@@ -109,20 +112,21 @@ class Engine:
             return None
         if Path(path).is_file():
             return ValueHeadPRM(load_value_head(path, hidden_size, self.config.device))
-        shepherd = pc.good_token is not None
-        prm_cfg = read_config(path)
-        if prm_cfg.is_prm == shepherd:
+        kind, prm_cfg = pc.kind, read_config(path)
+        if prm_cfg.is_prm != (kind == "head"):
             raise CheckpointError(f"{path}: a PRM directory needs architectures [one of {PRM_ARCHITECTURES}] "
                                   f"(Qwen2.5-Math-PRM layout), or a causal LM with PRMConfig.good_token/bad_token "
-                                  f"set (Math-Shepherd style)")
+                                  f"set (Math-Shepherd style) or PRMConfig.likelihood set")
         if prm_cfg.max_position_embeddings < self.max_len:
             raise CheckpointError(f"{path}: the PRM computes at most {prm_cfg.max_position_embeddings} positions "
                                   f"({prm_cfg.context_limit or 'max_position_embeddings'}), fewer than the policy's "
                                   f"{self.max_len}; set EngineConfig.max_model_len <= {prm_cfg.max_position_embeddings}")
         check_same_tokenizer(self.tokenizer, load_tokenizer(path), path)
-        ids = [self._token_id(t, path) for t in (pc.step_tag, pc.good_token, pc.bad_token) if t is not None]
         self.prm_runner = self._runner(path)
-        return ModelPRM(self.prm_runner, ids[0], (ids[1], ids[2]) if shepherd else None)
+        if kind == "likelihood":
+            return LikelihoodPRM(self.prm_runner, pc.likelihood)
+        ids = [self._token_id(t, path) for t in (pc.step_tag, pc.good_token, pc.bad_token) if t is not None]
+        return ModelPRM(self.prm_runner, ids[0], (ids[1], ids[2]) if kind == "shepherd" else None)
 
     def _token_id(self, token: str, path: str) -> int:
         ids = self.tokenizer.encode(token, add_special_tokens=False)
@@ -168,13 +172,15 @@ class Engine:
         with self.scheduler.borrow_row() as row:
             hidden = self.policy.extend([row], [prompt_ids]) if reads_hidden else self.hidden[:1]
             if self.prm_runner is not None:
-                self.prm_runner.extend([row], [prompt_ids])
+                self.prm.read_prompts([row], [prompt_ids])
+            partial = torch.zeros(1, 3)
             for k, step in enumerate(ids):
                 if reads_hidden and step:
                     hidden = self.policy.extend([row], [step])
+                before = ([prompt_ids] + [s for s in ids[:k] if s])[-1][-1]
                 ended = EndedSteps(torch.tensor([row]), hidden, [0], aggregation != "model",
-                                   pending=lambda step=step: [list(step)],
-                                   texts=lambda k=k: [(prompt_text, texts[:k + 1])])
+                                   pending=lambda step=step: [list(step)], before=lambda before=before: [before],
+                                   partial=partial, texts=lambda k=k: [(prompt_text, texts[:k + 1])])
                 running, _, _ = weigh(self.prm.score(ended).float().cpu(), running, scored, seg, aggregation, 1.0)
                 out.append(float(running_to_prob(running, aggregation)[0]))
         return out
@@ -345,7 +351,7 @@ class Engine:
         logits = self.policy.decoder.logits(hidden)
         scored = [r for r in admitted if r.method.uses_prm]
         if self.prm_runner is not None and scored:
-            self.prm_runner.extend([r.root_row for r in scored], [r.prompt_ids for r in scored])
+            self.prm.read_prompts([r.root_row for r in scored], [r.prompt_ids for r in scored])
         for k, r in enumerate(admitted):
             r.started = time.perf_counter()
             r.stats.prompt_tokens = len(r.prompt_ids)
@@ -360,7 +366,8 @@ class Engine:
                          limit_reason=MAX_TOKENS if sp.max_tokens <= context else MAX_MODEL_LEN,
                          max_step_tokens=sp.max_step_tokens, max_steps=sp.max_steps, stop_on_eos=sp.stop_on_eos,
                          matcher=self._matcher(sp.step_delimiter),
-                         prm_reads=self.prm_runner is not None and r.method.uses_prm)
+                         prm_reads=self.prm_runner is not None and r.method.uses_prm,
+                         prompt_last=r.prompt_ids[-1])
 
     def _matcher(self, delimiter: str) -> int:
         """The table's matcher for ``delimiter`` (made on first use; their transitions fill lazily)."""
@@ -409,11 +416,12 @@ class Engine:
         behind = leaders.unique()
         behind = behind[t.prm_lag[behind] > 0]
         if behind.numel():
-            self.prm.catch_up(behind.tolist(), t.pending(behind))
+            t.prm_partial[behind] = self.prm.catch_up(behind.tolist(), t.pending(behind), t.before_pending(behind),
+                                                      t.prm_partial[behind])
             t.prm_lag[behind] = 0
         self.caches.assign(followers, leaders)
         self.hidden[followers], self.logits[followers] = self.hidden[leaders], self.logits[leaders]
-        t.prm_lag[followers] = t.prm_lag[leaders]
+        t.prm_lag[followers], t.prm_partial[followers] = t.prm_lag[leaders], t.prm_partial[leaders]
 
     def token_text(self, token: int) -> str:
         """One token's text as the step delimiter sees it (cached)."""

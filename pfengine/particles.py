@@ -54,6 +54,9 @@ class RowLimits:
     """Index of the request's step delimiter in :attr:`ParticleTable.matchers`."""
     prm_reads: bool
     """A PRM model reads this request's tokens (they wait in ``prm_lag`` until the step ends)."""
+    prompt_last: int = 0
+    """The prompt's last token: a likelihood PRM reads it with the first step
+    (:meth:`ParticleTable.before_pending`)."""
 
 
 @dataclass
@@ -103,16 +106,20 @@ class ParticleTable:
         """Trailing tokens the PRM model's cache has not read yet: it reads a step's tokens in one
         extend when the step ends (or earlier, when a sibling forks from this row mid-step)."""
         self.match_state = column()
+        self.prm_partial = torch.zeros(rows, 3)
+        """A likelihood PRM's reduction over the tokens of the current step it has already read
+        (when a sibling forked mid-step): min and sum of their log-probabilities, and their count."""
         # what ends a step or a particle, set per request (RowLimits)
         self.limit, self.limit_reason = column(), column(torch.int8)
         self.max_step_tokens, self.max_steps = column(), column()
         self.stop_on_eos, self.matcher, self.prm_reads = column(torch.bool), column(), column()
+        self.prompt_last = column()
         self.eos_ids = torch.zeros(0, dtype=torch.int64)
         """Token ids that end a particle (where its request stops on EOS)."""
         self.matchers: list[DelimiterMatcher] = []
         self.next_node = 1
 
-    _STATE = ("length", "step_start", "n_steps", "phase", "finish", "node", "prm_lag", "match_state")
+    _STATE = ("length", "step_start", "n_steps", "phase", "finish", "node", "prm_lag", "prm_partial", "match_state")
     """Per-particle fields a fork copies (besides the tokens); the others belong to the request."""
 
     def configure(self, rows: torch.Tensor, limits: RowLimits) -> None:
@@ -124,6 +131,7 @@ class ParticleTable:
         self.stop_on_eos[rows] = limits.stop_on_eos
         self.matcher[rows] = limits.matcher
         self.prm_reads[rows] = int(limits.prm_reads)
+        self.prompt_last[rows] = limits.prompt_last
 
     def start(self, rows: torch.Tensor) -> None:
         """Fresh particles at the beginning of their first step, all with the same (empty) sequence."""
@@ -143,6 +151,7 @@ class ParticleTable:
         self.n_steps[row], self.finish[row] = len(snapshot.step_starts), snapshot.finish
         self.phase[row] = Phase.FROZEN if snapshot.finish else Phase.HELD
         self.node[row], self.prm_lag[row], self.match_state[row] = node, 0, 0
+        self.prm_partial[row] = 0
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Row ``dst[i]`` becomes a copy of row ``src[i]`` (rows may overlap, as in resampling)."""
@@ -232,3 +241,9 @@ class ParticleTable:
         """The trailing tokens each row's PRM cache has not read yet."""
         lag, length = self.prm_lag[rows].tolist(), self.length[rows].tolist()
         return [self.tokens[r, n - k:n].tolist() for r, n, k in zip(rows.tolist(), length, lag)]
+
+    def before_pending(self, rows: torch.Tensor) -> list[int]:
+        """The token just before each row's pending ones (the prompt's last where none was generated)."""
+        at = self.length[rows] - self.prm_lag[rows] - 1
+        held = self.tokens[rows, at.clamp(min=0)].to(torch.int64)
+        return torch.where(at >= 0, held, self.prompt_last[rows]).tolist()

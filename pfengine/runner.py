@@ -21,9 +21,11 @@ class ModelRunner:
         """PRM step tags forwarded (``extend(..., tagged=True)``), counted apart from content."""
         self.cow_copies = 0
 
-    def extend(self, rows: list[int], token_lists: list[list[int]], tagged: bool = False) -> torch.Tensor:
+    def extend(self, rows: list[int], token_lists: list[list[int]], tagged: bool = False,
+               every: bool = False) -> torch.Tensor:
         """Append several tokens to each row (prompt prefill, PRM steps); hidden state of each row's
-        last token. ``tagged``: each list ends with a PRM step tag."""
+        last token (``every``: of every new token, rows after one another). ``tagged``: each list
+        ends with a PRM step tag."""
         assert all(token_lists), "extend: every row needs at least one token"
         dev = self.blocks.device
         rows_t = torch.tensor(rows, dtype=torch.int64, device=dev)
@@ -37,7 +39,7 @@ class ModelRunner:
         if tagged:
             self.tokens_forwarded -= len(rows)
             self.tags_forwarded += len(rows)
-        return hidden[[c - 1 for c in cu[1:]]]
+        return hidden if every else hidden[[c - 1 for c in cu[1:]]]
 
     def decode(self, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token to each row; their hidden states ``[n, H]``."""

@@ -118,9 +118,9 @@ def test_prm_reads_each_step_in_one_extend_and_siblings_fork_mid_step(policy_dir
         calls["extend_rows"].append(len(rows))
         return extend(rows, token_lists, **kw)
 
-    def count_catch_up(rows, pending):
+    def count_catch_up(*args):
         calls["catch_up"] += 1
-        return catch_up(rows, pending)
+        return catch_up(*args)
 
     runner.decode, runner.extend, prm.catch_up = count_decode, count_extend, count_catch_up
     req = Request(prompt="Step 1: add 17 and 25.",

@@ -69,7 +69,7 @@ class ParticleGibbs(ParticleFilter):
         ctx.caches.assign([row], [self.ref_row])
         tags = len(prefix.step_starts) if self.search.aggregation != "model" and prefix.tokens else 0
         length = len(r.prompt_ids) + len(prefix.tokens)
-        ctx.caches.truncate_to(row, length, length + tags)
+        ctx.caches.truncate_to(row, length, tags)
         ctx.table.hold(row, prefix, int(ctx.table.new_nodes(1)))  # a node no sampled sibling shares
         running, hidden = self.ref_history[0][:kept], self.ref_history[1][:kept]
         self.history[slot] = (list(running), list(hidden))

@@ -85,7 +85,7 @@ def _score(group: list[RequestState], prm: PRM | None, aggregation: str, ctx: Ro
     step_logit = torch.zeros(rows.numel())
     if prm is not None and bool(fresh.any()):
         step_logit[fresh] = _step_logits(prm, rows[fresh], group, aggregation, ctx, detokenize)
-    table.prm_lag[rows[fresh]] = 0
+    table.prm_lag[rows[fresh]], table.prm_partial[rows[fresh]] = 0, 0
     sizes = torch.tensor([r.n for r in group])
     seg_starts = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
     running = torch.cat([r.aggregate for r in group])
@@ -114,7 +114,8 @@ def _step_logits(prm: PRM, rows: torch.Tensor, group: list[RequestState], aggreg
         return [(prompts[row], [detokenize(s) for s in ctx.table.snapshot(row).steps()]) for row in rows.tolist()]
 
     ended = EndedSteps(rows=rows, hidden=ctx.hidden[rows], nodes=ctx.table.node[rows].tolist(),
-                       keep_tags=aggregation != "model", pending=lambda: ctx.table.pending(rows), texts=texts)
+                       keep_tags=aggregation != "model", pending=lambda: ctx.table.pending(rows),
+                       before=lambda: ctx.table.before_pending(rows), partial=ctx.table.prm_partial[rows], texts=texts)
     logits = prm.score(ended).float().cpu()
     bad = ~torch.isfinite(logits)
     if bool(bad.any()):
