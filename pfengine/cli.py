@@ -649,6 +649,11 @@ def run_eval(args: argparse.Namespace, engine: EngineFront, problems: list[Probl
     build = eval_requests(args, engine)
     if args.trace_problems != TRACE_PROBLEMS and not args.trace_html:
         raise ValueError("--trace-problems: only with --trace-html DIR (it says how many problems to draw)")
+    if args.trace_html:
+        try:
+            Path(args.trace_html).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--trace-html {args.trace_html}: cannot create it ({e.strerror})") from None
     trace = _eval_tracer(args.trace_html, args.trace_problems, engine) if args.trace_html else None
     if pool is None:
         records = runner.evaluate(engine, problems, runs, build, args.seed, out, progress=not args.no_progress,

@@ -257,6 +257,7 @@ def test_eval_records_a_failed_request_and_retries_it(tmp_path, capsys, policy_d
     (["eval", "{data}", "--method", "beam_search", "--budgets", "6", "--beam-width", "4"],
      "--budgets: beam_search needs a multiple of --beam-width (4), got 6"),
     (["eval", "{data}", "--trace-problems", "3"], "--trace-problems: only with --trace-html DIR"),
+    (["eval", "{data}", "--trace-html", "{data}/t"], "/t: cannot create it"),
 ])
 def test_eval_errors_are_readable(tmp_path, capsys, policy_dir, value_head_file, argv, message):
     data = write_problems([Problem("Step 1: add 1 and 2.", "3", "a")], tmp_path / "d.jsonl")
