@@ -310,8 +310,9 @@ class Engine:
         if method.uses_prm and self.prm is None:
             raise InvalidArgument("method", f"{search.method!r} needs a PRM: set EngineConfig.prm (a PRM directory "
                                             f"or a value-head .safetensors file) or pass prm_fn to Engine")
-        if method.sampling(sampling) != sampling:
-            request = replace(request, sampling=method.sampling(sampling))
+        run_with = method.sampling(sampling)
+        if run_with != sampling:
+            request = replace(request, sampling=run_with)
         text, ids = self._encode(request.prompt)
         n = method.slots
         require(method.rows_needed <= c.max_particles, "n_particles",
@@ -401,10 +402,11 @@ class Engine:
             r.stats.generated_tokens += k
             r.growing -= e
         leader = first == torch.arange(rows.numel())
+        leaders = rows[leader]
         with record_function("pfengine::decode"):
-            hidden = self.policy.decode(rows[leader], tokens[leader])
-            self.hidden[rows[leader]] = hidden
-            self.logits[rows[leader]] = self.policy.decoder.logits(hidden)
+            hidden = self.policy.decode(leaders, tokens[leader])
+            self.hidden[leaders] = hidden
+            self.logits[leaders] = self.policy.decoder.logits(hidden)
         if not bool(leader.all()):
             self._fork_followers(rows[~leader], rows[first[~leader]])
 

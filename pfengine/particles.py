@@ -176,7 +176,8 @@ class ParticleTable:
         self.prm_lag[rows] += self.prm_reads[rows]
         hit = self._match(rows, new)
         finish = torch.zeros_like(length, dtype=torch.int8)
-        finish[length >= self.limit[rows]] = self.limit_reason[rows][length >= self.limit[rows]]
+        at_limit = length >= self.limit[rows]
+        finish[at_limit] = self.limit_reason[rows[at_limit]]
         finish[self.stop_on_eos[rows] & torch.isin(new, self.eos_ids)] = EOS
         ended = (finish > 0) | hit | (length - self.step_start[rows] >= self.max_step_tokens[rows])
         finish[ended & (finish == 0) & (self.n_steps[rows] >= self.max_steps[rows])] = MAX_STEPS

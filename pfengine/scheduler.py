@@ -117,7 +117,7 @@ class Scheduler:
         rows = torch.cat([r.rows for r in self.running])
         bound = 2 * rows.numel()
         if self.caches.prm is not None:
-            bound = max(bound, -(-int(t.prm_lag[rows].sum()) // B) + 4 * rows.numel())
+            bound = max(bound, cdiv(int(t.prm_lag[rows].sum()), B) + 4 * rows.numel())
         return bound <= min(runner.blocks.num_free for runner in self.runners)
 
     def _worst_case(self) -> list[tuple[ModelRunner, int]]:

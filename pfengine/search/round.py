@@ -108,9 +108,8 @@ def _step_logits(prm: PRM, rows: torch.Tensor, group: list[RequestState], aggreg
                  detokenize: Callable[[list[int]], str]) -> torch.Tensor:
     """The PRM's logits for ``rows``; a PRM that produced a non-finite value gives that particle
     weight ~0 (the run goes on)."""
-    prompts = {int(row): r.prompt_text for r in group for row in r.rows.tolist()}
-
     def texts() -> list[tuple[str, list[str]]]:
+        prompts = {row: r.prompt_text for r in group for row in r.rows.tolist()}
         return [(prompts[row], [detokenize(s) for s in ctx.table.snapshot(row).steps()]) for row in rows.tolist()]
 
     ended = EndedSteps(rows=rows, hidden=ctx.hidden[rows], nodes=ctx.table.node[rows].tolist(),
