@@ -168,12 +168,12 @@ def _add_ray_options(p: argparse.ArgumentParser, count: str, what: str) -> None:
 
 def placement(args: argparse.Namespace, count: str) -> Placement | None:
     """Where the engines of ``eval`` / ``serve`` run: None for one engine in this process."""
-    from pfengine.dp.cluster import Placement
+    from pfengine.dp.cluster import CPUS_FLAG, GPUS_FLAG, Placement
 
     engines = getattr(args, count.lstrip("-"))
     if engines == 1 and args.ray_address is None:
-        for flag in ("--worker-cpus", "--worker-gpus"):
-            if getattr(args, flag[2:].replace("-", "_")) is not None:
+        for flag, value in ((CPUS_FLAG, args.worker_cpus), (GPUS_FLAG, args.worker_gpus)):
+            if value is not None:
                 raise ValueError(f"{flag}: applies to engines on Ray ({count} > 1 or --ray-address)")
         return None
     where = Placement(engines, 1 if args.worker_cpus is None else args.worker_cpus,
