@@ -629,6 +629,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pfengine.eval.dataset import read_problems
 
     where = placement(args, "--workers")  # bad options and bad data fail before the model loads
+    if args.trace_problems != TRACE_PROBLEMS and not args.trace_html:
+        raise ValueError("--trace-problems: only with --trace-html DIR (it says how many problems to draw)")
     problems = read_problems(args.data)[:args.limit]
     if where is None:
         return run_eval(args, make_engine(args), problems)
@@ -647,8 +649,6 @@ def run_eval(args: argparse.Namespace, engine: EngineFront, problems: list[Probl
     chat = use_chat(engine, args.chat)
     runner.prepare_out(out, eval_settings(args, engine, chat), args.fresh)
     build = eval_requests(args, engine)
-    if args.trace_problems != TRACE_PROBLEMS and not args.trace_html:
-        raise ValueError("--trace-problems: only with --trace-html DIR (it says how many problems to draw)")
     if args.trace_html:
         try:
             Path(args.trace_html).mkdir(parents=True, exist_ok=True)
