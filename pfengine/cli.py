@@ -168,12 +168,12 @@ def _add_ray_options(p: argparse.ArgumentParser, count: str, what: str) -> None:
 
 def placement(args: argparse.Namespace, count: str) -> Placement | None:
     """Where the engines of ``eval`` / ``serve`` run: None for one engine in this process."""
-    from pfengine.dp.cluster import Placement
+    from pfengine.dp.cluster import CPUS_FLAG, GPUS_FLAG, Placement
 
     engines = getattr(args, count.lstrip("-"))
     if engines == 1 and args.ray_address is None:
-        for flag in ("--worker-cpus", "--worker-gpus"):
-            if getattr(args, flag[2:].replace("-", "_")) is not None:
+        for flag, value in ((CPUS_FLAG, args.worker_cpus), (GPUS_FLAG, args.worker_gpus)):
+            if value is not None:
                 raise ValueError(f"{flag}: applies to engines on Ray ({count} > 1 or --ray-address)")
         return None
     where = Placement(engines, 1 if args.worker_cpus is None else args.worker_cpus,
@@ -629,6 +629,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pfengine.eval.dataset import read_problems
 
     where = placement(args, "--workers")  # bad options and bad data fail before the model loads
+    if args.trace_problems != TRACE_PROBLEMS and not args.trace_html:
+        raise ValueError("--trace-problems: only with --trace-html DIR (it says how many problems to draw)")
     problems = read_problems(args.data)[:args.limit]
     if where is None:
         return run_eval(args, make_engine(args), problems)
@@ -647,8 +649,6 @@ def run_eval(args: argparse.Namespace, engine: EngineFront, problems: list[Probl
     chat = use_chat(engine, args.chat)
     runner.prepare_out(out, eval_settings(args, engine, chat), args.fresh)
     build = eval_requests(args, engine)
-    if args.trace_problems != TRACE_PROBLEMS and not args.trace_html:
-        raise ValueError("--trace-problems: only with --trace-html DIR (it says how many problems to draw)")
     if args.trace_html:
         try:
             Path(args.trace_html).mkdir(parents=True, exist_ok=True)

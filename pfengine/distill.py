@@ -204,13 +204,13 @@ def distill(policy, pad_id: int, trajs: list[Trajectory], cfg: FitConfig,
     t = time.perf_counter()
     seqs, positions, y = targets(trajs)
     hidden = hidden_at(policy, seqs, positions, pad_id)
-    seconds_hidden = time.perf_counter() - t
+    seconds_hidden, mean = time.perf_counter() - t, float(y.mean())
     log(f"distill: {len(y)} states on {len(trajs)} lineages, hidden states in {seconds_hidden:.0f}s; "
-        f"mean PRM score {float(y.mean()):.3f}")
+        f"mean PRM score {mean:.3f}")
     head = fit_head(hidden, y, cfg, log)
     with torch.no_grad():
         fitted = torch.sigmoid(head.logit(hidden))
-    report = {"states": len(y), "lineages": len(trajs), "mean_score": float(y.mean()),
+    report = {"states": len(y), "lineages": len(trajs), "mean_score": mean,
               "fit_mean_abs_error": float((fitted - y).abs().mean()), "seconds_hidden": seconds_hidden,
               "fit": asdict(cfg)}
     return head, report

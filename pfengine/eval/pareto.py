@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pfengine.eval.report import Row, errorbars, save_log2_plot
+from pfengine.eval.report import Row, accuracy_axes, errorbars, save_log2_plot
 
 
 COSTS = ("wall", "cpu")
@@ -62,12 +62,7 @@ def markdown(points: list[Point]) -> str:
 
 
 def plot(points: list[Point], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = accuracy_axes()
     for label in dict.fromkeys(p.label for p in points):
         mine = [p for p in points if p.label == label]
         errorbars(ax, [p.seconds_per_problem for p in mine], [p.row for p in mine], label)

@@ -101,12 +101,7 @@ def markdown(rows: list[Row]) -> str:
 def plot(rows: list[Row], path: Path, title: str) -> None:
     """Accuracy against budget on a log-2 axis, one line per method with its intervals; greedy
     (budget 1 by definition) as a dashed line; PF's expected accuracy dotted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = accuracy_axes()
     by_method: dict[str, list[Row]] = defaultdict(list)
     for r in rows:
         by_method[r.method].append(r)
@@ -121,6 +116,16 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
             ax.plot([r.budget for r in estimated], [100 * r.expected for r in estimated], linestyle=":", marker="x",
                     color="black", label=f"{label(method)}: expected accuracy")
     save_log2_plot(fig, ax, path, "budget (particles / samples / beams)", title)
+
+
+def accuracy_axes():
+    """A new figure for an accuracy plot, drawn off-screen (``Agg``): ``(fig, ax)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(7, 4.5))
 
 
 def errorbars(ax, xs: list[float], rows: list[Row], name: str) -> None:

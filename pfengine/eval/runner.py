@@ -51,11 +51,10 @@ def prepare_out(out: Path, settings: dict, fresh: bool) -> None:
     results of other settings is an error (unless ``fresh``, which discards its results)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / SETTINGS
-    now = _flat(json.loads(json.dumps(settings)))
     if fresh:
         (out / RESULTS).unlink(missing_ok=True)
     elif path.is_file() and (out / RESULTS).is_file():
-        before = _flat(json.loads(path.read_text()))
+        before, now = _flat(json.loads(path.read_text())), _flat(json.loads(json.dumps(settings)))
         changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
         if changed:
             diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
@@ -152,14 +151,18 @@ def run_batch(engine: Engine, run: Run, pending: list[tuple[int, Problem]], buil
     """Submit every pending problem of one run, step the engine until all are done, and yield each
     graded record as its request finishes (a failed request yields a record with its ``error``)."""
     batch, start, cpu_start = uuid.uuid4().hex[:12], time.perf_counter(), time.process_time()
+
+    def record(k: int, problem: Problem, result: PFResult | None = None, error: BaseException | None = None) -> dict:
+        return make_record(problem, k, run, seed + k, batch, time.perf_counter() - start, result, error,
+                           cpu=time.process_time() - cpu_start)
+
     waiting: dict[int, tuple[int, Problem, Request]] = {}
     for k, problem in pending:
         try:
             request = build(problem, run, seed + k)
             waiting[engine.add_request(request)] = (k, problem, request)
         except (ValueError, TypeError) as e:
-            yield make_record(problem, k, run, seed + k, batch, time.perf_counter() - start, error=e,
-                              cpu=time.process_time() - cpu_start)
+            yield record(k, problem, error=e)
     while waiting:
         for event in engine.step():
             if (event.result is None and event.error is None) or event.request_id not in waiting:
@@ -167,8 +170,7 @@ def run_batch(engine: Engine, run: Run, pending: list[tuple[int, Problem]], buil
             k, problem, request = waiting.pop(event.request_id)
             if event.result is not None and on_result is not None:
                 on_result(k, problem, run, request, event.result)
-            yield make_record(problem, k, run, seed + k, batch, time.perf_counter() - start, event.result, event.error,
-                              cpu=time.process_time() - cpu_start)
+            yield record(k, problem, event.result, event.error)
 
 
 def make_record(problem: Problem, index: int, run: Run, seed: int, batch: str, elapsed: float,
