@@ -631,6 +631,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     where = placement(args, "--workers")  # bad options and bad data fail before the model loads
     if args.trace_problems != TRACE_PROBLEMS and not args.trace_html:
         raise ValueError("--trace-problems: only with --trace-html DIR (it says how many problems to draw)")
+    if args.trace_html:
+        try:
+            Path(args.trace_html).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--trace-html {args.trace_html}: cannot create it ({e.strerror})") from None
     problems = read_problems(args.data)[:args.limit]
     if where is None:
         return run_eval(args, make_engine(args), problems)
@@ -649,11 +654,6 @@ def run_eval(args: argparse.Namespace, engine: EngineFront, problems: list[Probl
     chat = use_chat(engine, args.chat)
     runner.prepare_out(out, eval_settings(args, engine, chat), args.fresh)
     build = eval_requests(args, engine)
-    if args.trace_html:
-        try:
-            Path(args.trace_html).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--trace-html {args.trace_html}: cannot create it ({e.strerror})") from None
     trace = _eval_tracer(args.trace_html, args.trace_problems, engine) if args.trace_html else None
     if pool is None:
         records = runner.evaluate(engine, problems, runs, build, args.seed, out, progress=not args.no_progress,
