@@ -46,6 +46,11 @@ def health(url: str) -> dict:
     return httpx.get(f"{url}/health", timeout=30).json()
 
 
+def both(h: dict) -> dict | bool:
+    """``h`` if both replicas answered it (its counters are summed over the live ones), else False."""
+    return sum("engine" in r for r in h["replicas"]) == 2 and h
+
+
 def wait_until(check, timeout: float, what: str) -> dict:
     deadline = time.monotonic() + timeout
     while not (found := check()):
@@ -78,13 +83,13 @@ def test_a_client_that_disconnects_has_its_request_aborted_on_its_replica(server
     url, _ = server
     long = {"method": "self_consistency", "particles": 8, "max_steps": 40, "max_step_tokens": 10, "stop_on_eos": False}
     body = {"messages": [{"role": "user", "content": QUESTION}], "seed": 1, "stream": True, "search": long}
-    before = health(url)["engine"]["policy_tokens_forwarded"]
+    before = wait_until(lambda: both(health(url)), 30, "answer from both replicas")["engine"]["policy_tokens_forwarded"]
     with httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
         with client.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
             next(line for line in response.iter_lines() if line.startswith("data: "))
         # gone after the first chunk
-    idle = wait_until(lambda: (h := health(url))["running"] + h["waiting"] == 0 and h, 30, "idle replicas")
+    idle = wait_until(lambda: (h := health(url))["running"] + h["waiting"] == 0 and both(h), 30, "idle replicas")
     assert idle["engine"]["policy_blocks_in_use"] == 0
     forwarded = idle["engine"]["policy_tokens_forwarded"] - before
     assert forwarded < 8 * 400 / 2
