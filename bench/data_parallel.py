@@ -42,7 +42,7 @@ from pfengine.toy import demo
 from pfengine.toy.task import heldout_set
 
 RESULTS = Path(__file__).parent / "results"
-OPTIONS = ["--method", "particle_filter,best_of_n", "--budgets", "4,16", "--max-steps", "10", "--max-step-tokens", "32",
+OPTIONS = ["--method", "particle_filter,best_of_n", "--budgets", "4,16", "--max-steps", "14", "--max-step-tokens", "24",
            "--temperature", "0.5", "--no-progress"]
 TIMING = ("batch", "elapsed_s", "cpu_s")
 

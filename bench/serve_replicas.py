@@ -27,7 +27,7 @@ from bench.ray_command import RayCommand
 from bench.server_load import free_port
 
 KEY = "bench"
-QUESTION = "Start with 47. Add 38. Subtract 29. Add 16. What is the result?"
+QUESTION = "Start with 47. Add 38. Subtract 29. Add 16. Subtract 45. Add 21. Subtract 30. What is the result?"
 
 
 def chat(k: int) -> dict:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from pfengine.config import (AGGREGATIONS, KV_DTYPES, LIKELIHOOD_REDUCTIONS, METHODS, RESAMPLING, SELECTIONS,
                              EngineConfig, InvalidArgument, PRMConfig, SamplingParams, SearchParams)
 from pfengine.prompting import NO_DELIMITER
-from pfengine.toy.pf import DEMO_TEMPERATURE
+from pfengine.toy.pf import DEMO_TEMPERATURE, SCALING_RESULTS
 
 if TYPE_CHECKING:
     from pfengine.config import Request
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 TRACE_PROBLEMS = 10
 """``eval --trace-html`` draws this many problems of each run by default."""
-TOY_PROMPT = "Start with 47. Add 38. Subtract 29. Add 16. What is the result?"
+TOY_PROMPT = "Start with 47. Add 38. Subtract 29. Add 16. Subtract 45. Add 21. Subtract 30. What is the result?"
 """The default prompt of ``bench`` and ``profile``: a problem of the bundled toy task."""
 BENCH_STEPS, BENCH_STEP_TOKENS = 4, 32
 """``bench`` / ``profile`` workload: steps of exactly this many tokens (``--fixed-steps``)."""
@@ -113,11 +113,12 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", metavar="DIR",
                    help="local Hugging Face checkpoint directory of the policy (config.json, safetensors, "
                         "tokenizer.json); default: the bundled toy policy (pfengine/toy/checkpoints) with its "
-                        "separate PRM")
+                        "separate PRM (a teacher read as a likelihood PRM, min)")
     g.add_argument("--prm", metavar="PATH",
-                   help="process reward model: a PRM directory (Qwen2.5-Math-PRM layout) or a value-head "
-                        ".safetensors file for the policy; needed by every method but greedy and self_consistency "
-                        "(default with the bundled policy: its separate PRM, pfengine/toy/checkpoints/prm)")
+                   help="process reward model: a PRM directory (Qwen2.5-Math-PRM layout; a causal LM with "
+                        "--prm-likelihood) or a value-head .safetensors file for the policy; needed by every method "
+                        "but greedy and self_consistency (default with the bundled policy: its separate PRM, "
+                        "pfengine/toy/checkpoints/prm, read with --prm-likelihood min)")
     g.add_argument("--prm-likelihood", choices=LIKELIHOOD_REDUCTIONS, metavar="{min,mean}",
                    help="--prm is a causal LM (the policy's tokenizer) that scores each step by the probability it "
                         "gives the step's least likely token (min) or the geometric mean of its tokens' (mean)")
@@ -276,11 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       "as Markdown, JSON and a PNG plot).")
     demo.add_argument("--problems", type=_positive, default=200,
                       help="held-out problems to evaluate (default 200, the README's table)")
-    demo.add_argument("--budgets", type=_budgets, default=[4, 8, 16], metavar="B1,B2,...",
-                      help="budgets (particles / samples / beams) to compare (default 4,8,16)")
+    demo.add_argument("--budgets", type=_budgets, default=[1, 2, 4, 8, 16], metavar="B1,B2,...",
+                      help="budgets (particles / samples / beams) to compare (default 1,2,4,8,16; budgets 1-64 on "
+                           f"500 problems: {SCALING_RESULTS})")
     demo.add_argument("--prm-kind", choices=["value_head", "model"], default="model",
-                      help="the toy PRM to use: the separate PRM model (default; the better judge on held-out "
-                           "steps) or the value head on the policy")
+                      help="the toy PRM to use: the separate PRM model (default: a teacher that solves the task, "
+                           "read as a likelihood PRM; the better judge on held-out steps) or the value head on the "
+                           "policy")
     demo.add_argument("--particles", type=_positive, default=SearchParams().n_particles,
                       help="particles of the traced run (default 8)")
     demo.add_argument("--temperature", type=float, default=DEMO_TEMPERATURE,
@@ -488,14 +491,17 @@ def make_engine(args: argparse.Namespace) -> Engine:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    model, prm = args.model, args.prm
+    model, prm, likelihood = args.model, args.prm, args.prm_likelihood
     if model is None:
         model, default_prm = default_checkpoint()
-        prm = prm or default_prm
+        if prm is None:
+            from pfengine.toy.pf import PRM_CONFIG
+
+            prm, likelihood = default_prm, likelihood or PRM_CONFIG.likelihood
     print(f"Model: {model}" + (f" + PRM {prm}" if prm else " (no PRM)"),
           file=sys.stderr if getattr(args, "json", False) else sys.stdout)
     limits = {name: getattr(args, name) for name in LIMITS}
-    return EngineConfig(model=model, prm=prm, prm_config=PRMConfig(likelihood=args.prm_likelihood),
+    return EngineConfig(model=model, prm=prm, prm_config=PRMConfig(likelihood=likelihood),
                         num_blocks=args.num_blocks, block_size=args.block_size,
                         kv_dtype=args.kv_dtype, max_particles=args.max_particles, max_model_len=args.max_model_len,
                         tensor_parallel_size=args.tensor_parallel_size, **limits)
@@ -519,8 +525,8 @@ def engine_pool(args: argparse.Namespace, where: Placement) -> Iterator[EnginePo
 
 
 def default_checkpoint() -> tuple[str, str]:
-    """(policy, PRM) used when no --model is given: the bundled toy policy and its separate PRM
-    (step AUROC 0.866 on held-out sampled steps against 0.674 for the value head)."""
+    """(policy, PRM) used when no --model is given: the bundled toy policy and its separate PRM, a
+    teacher read as a likelihood PRM (README, "The bundled toy model")."""
     from pfengine.toy.pf import POLICY, PRM, is_bundled
 
     if not is_bundled():
@@ -600,13 +606,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """A preset of ``eval`` on the bundled toy task, after one traced PF run."""
     from pfengine.eval.dataset import read_problems
     from pfengine.toy import demo
-    from pfengine.toy.pf import PRM, VALUE_HEAD, pf_request
+    from pfengine.toy.pf import PRM, PRM_CONFIG, VALUE_HEAD, pf_request
     from pfengine.toy.task import extract_answer, heldout_set
 
     out = Path(args.out)
     problems = heldout_set(args.problems)
-    prm = VALUE_HEAD if args.prm_kind == "value_head" else PRM
-    argv = demo.eval_argv(out / "problems.jsonl", args.budgets, args.temperature, args.seed, prm, out)
+    prm, likelihood = (VALUE_HEAD, None) if args.prm_kind == "value_head" else (PRM, PRM_CONFIG.likelihood)
+    argv = demo.eval_argv(out / "problems.jsonl", args.budgets, args.temperature, args.seed, prm, likelihood, out)
     eval_args = build_parser().parse_args(argv + (["--no-progress"] if args.no_progress else []))
     engine = make_engine(eval_args)
     print(f"Sampling temperature {args.temperature}\n")
@@ -621,7 +627,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"Every method on {len(problems)} held-out problems: pfengine {shlex.join(argv)}\n")
     code = run_eval(eval_args, engine, read_problems(path))
     print(f"\nBudgets 1-64 on 500 held-out problems, and PF with a value head distilled from the PRM "
-          f"(pfengine distill): {demo.SCALING_RESULTS} and the README")
+          f"(pfengine distill): {SCALING_RESULTS} and the README")
     return code
 
 

@@ -152,7 +152,8 @@ class SearchParams:
     n_particles: int = 8
     aggregation: str = "model"
     """How a particle's step scores combine into its weight: ``model`` (the PRM scores the whole
-    prefix; best in the paper), ``last``, ``prod`` or ``min``."""
+    prefix; best in the paper; a likelihood PRM judges single steps, so there it means ``min``),
+    ``last``, ``prod`` or ``min``."""
     resampling: str = "systematic"
     weight_temperature: float = 1.0
     """Softmax temperature applied to the log-weights logit(r)."""
@@ -225,7 +226,8 @@ class PRMConfig:
     score is P(good) / (P(good) + P(bad)) at the tag. Likelihood (a causal LM, e.g. a teacher that
     solves the task): set ``likelihood`` to ``min`` or ``mean`` and the score is the probability
     the LM gives the step's least likely token (``min``) or the geometric mean of its tokens'
-    probabilities (``mean``); no step tag is read."""
+    probabilities (``mean``); no step tag is read. Under ``model`` aggregation a prefix is as good
+    as its worst step."""
 
     step_tag: str = "<extra_0>"
     good_token: str | None = None

@@ -164,6 +164,7 @@ class Engine:
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         assert not self.scheduler.running, "score_steps: requests are in flight"
+        aggregation = self._aggregation(aggregation)
         prompt_text, prompt_ids = encode_prompt(self.tokenizer, prompt)
         ids = [s if isinstance(s, list) else self.tokenizer.encode(s, add_special_tokens=False) for s in steps]
         texts = [s if isinstance(s, str) else self.detokenize(s) for s in steps]
@@ -184,6 +185,11 @@ class Engine:
                 running, _, _ = weigh(self.prm.score(ended).float().cpu(), running, scored, seg, aggregation, 1.0)
                 out.append(float(running_to_prob(running, aggregation)[0]))
         return out
+
+    def _aggregation(self, aggregation: str) -> str:
+        """``model`` means the PRM judges the whole prefix; a likelihood PRM judges each step alone,
+        so there the prefix is as good as its worst step (``min``)."""
+        return "min" if aggregation == "model" and isinstance(self.prm, LikelihoodPRM) else aggregation
 
     def add_request(self, request: Request) -> int:
         """Validate and queue a request; it joins the running batch at the next round boundary."""
@@ -306,6 +312,9 @@ class Engine:
                f"{c.max_request_particles}")
         require(search.iterations <= c.max_iterations, "iterations",
                f"{search.iterations} is over this engine's limit, EngineConfig.max_iterations={c.max_iterations}")
+        if search.aggregation != self._aggregation(search.aggregation):
+            search = replace(search, aggregation=self._aggregation(search.aggregation))
+            request = replace(request, search=search)
         method = make_method(search)
         if method.uses_prm and self.prm is None:
             raise InvalidArgument("method", f"{search.method!r} needs a PRM: set EngineConfig.prm (a PRM directory "

@@ -9,7 +9,7 @@ particle Gibbs, beam search, self-consistency, best-of-N, ...) run on pfengine u
     lm = EngineLanguageModel(engine, max_tokens=256)
     prm = EngineProcessRewardModel(engine)            # the engine's own PRM
     pf = ParticleFiltering(StepGeneration(step_token="\\n\\n", max_steps=8), prm)
-    pf.infer(lm, "Start with 47. Add 38. Subtract 29. Add 16. What is the result?", budget=8)
+    pf.infer(lm, "Start with 47. Add 38. Subtract 29. Add 16. Subtract 45. Add 21. Subtract 30. What is the result?", budget=8)
 
 Every call is a batch of engine requests, one per conversation, each a single independent sample
 (``method="self_consistency"``, one particle, one step that ends at the first stop string). Calls made

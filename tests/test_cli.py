@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from pfengine import Engine
-from pfengine.cli import build_parser, main, make_engine
-from pfengine.config import EngineConfig, SamplingParams, SearchParams
+from pfengine.cli import build_parser, engine_config, main, make_engine
+from pfengine.config import EngineConfig, PRMConfig, SamplingParams, SearchParams
 from pfengine.search.answers import extract_answer
 from pfengine.state import FINISH_REASONS
-from pfengine.toy.pf import POLICY, PRM, is_bundled
+from pfengine.toy.pf import POLICY, PRM, PRM_CONFIG, VALUE_HEAD, is_bundled
 from pfengine.toy.task import heldout_set
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,8 +195,12 @@ needs_toy = pytest.mark.skipif(not is_bundled(), reason="the bundled toy checkpo
 
 @needs_toy
 def test_every_command_defaults_to_the_separate_prm():
+    """... read as the teacher it is (a likelihood PRM); an explicit --prm is read as given."""
     for argv in (["generate", "--prompt", "x"], ["serve"], ["bench"], ["profile"], ["eval", "data.jsonl"]):
-        assert make_engine(build_parser().parse_args(argv)).config.prm == str(PRM), argv
+        config = make_engine(build_parser().parse_args(argv)).config
+        assert (config.prm, config.prm_config) == (str(PRM), PRM_CONFIG), argv
+    config = engine_config(build_parser().parse_args(["generate", "--prompt", "x", "--prm", str(VALUE_HEAD)]))
+    assert (config.prm, config.prm_config) == (str(VALUE_HEAD), PRMConfig())
 
 
 @needs_toy

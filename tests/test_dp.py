@@ -149,12 +149,12 @@ import pfengine, pfengine.server, pfengine.eval.runner
 from pfengine.cli import main
 from pfengine.config import EngineConfig, Request, SamplingParams, SearchParams
 from pfengine.engine import Engine
-from pfengine.toy.pf import PRM, POLICY
+from pfengine.toy.pf import PRM, PRM_CONFIG, POLICY
 try:
     main(["--help"])
 except SystemExit as e:
     assert e.code == 0
-engine = Engine(EngineConfig(model=str(POLICY), prm=str(PRM)))
+engine = Engine(EngineConfig(model=str(POLICY), prm=str(PRM), prm_config=PRM_CONFIG))
 [result] = engine.generate([Request("Start with 4. Add 3. What is the result?", SamplingParams(seed=0, max_steps=4),
                                  SearchParams(method="particle_filter", n_particles=4))])
 assert len(result.particles) == 4 and result.answer is not None, result

@@ -21,8 +21,8 @@ from bench.ray_command import RayCommand  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not is_bundled(), reason="the bundled toy checkpoints are missing")]
 
 PROBLEMS = 32
-WORKLOAD = ["--method", "particle_filter,best_of_n", "--budgets", "4,16", "--max-steps", "10", "--max-step-tokens",
-            "32", "--temperature", "0.5", "--no-progress"]
+WORKLOAD = ["--method", "particle_filter,best_of_n", "--budgets", "4,16", "--max-steps", "14", "--max-step-tokens",
+            "24", "--temperature", "0.5", "--no-progress"]
 TIMING = ("batch", "elapsed_s", "cpu_s")
 """What may differ between two evaluations of the same settings: when each result came."""
 

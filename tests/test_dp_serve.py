@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not is_bundled(), reason="the
 
 KEY = "s3cret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-QUESTION = "Start with 47. Add 38. Subtract 29. Add 16. What is the result?"
+QUESTION = "Start with 47. Add 38. Subtract 29. Add 16. Subtract 45. Add 21. Subtract 30. What is the result?"
 
 
 def chat(k: int, **extra) -> dict:

@@ -18,7 +18,7 @@ from pfengine.its_hub_adapter import (EngineLanguageModel, EngineOutcomeRewardMo
 from pfengine.prompting import chat_prompt  # noqa: E402
 from pfengine.search.answers import extract_answer  # noqa: E402
 from pfengine.toy import task  # noqa: E402
-from pfengine.toy.pf import POLICY, PRM, is_bundled  # noqa: E402
+from pfengine.toy.pf import POLICY, PRM, PRM_CONFIG, is_bundled  # noqa: E402
 
 QUESTION = "What is 17 + 25?"
 
@@ -196,14 +196,15 @@ def test_particles_end_at_eos_without_a_stop_token():
     particle up to max_steps. The adapter answers the continuation of a solution the model ended
     (EOS) with an empty step, without running the model, so each particle keeps the solution it
     finished: its text ends with the answer step, and its PRM score does not move."""
-    engine = Engine(EngineConfig(model=str(POLICY), prm=str(PRM)))
+    engine = Engine(EngineConfig(model=str(POLICY), prm=str(PRM), prm_config=PRM_CONFIG))
     lm = RecordingLM(engine, max_tokens=64, temperature=0.5, seed=0)
     prm = EngineProcessRewardModel(engine)
     problem = task.heldout_set(1)[0]
     result = ParticleFiltering(StepGeneration(step_token="\n\n", max_steps=len(problem.steps()) + 3), prm).infer(
         lm, problem.text, budget=4, return_response_only=False)
-    for response in result.responses:  # nothing after the answer step but the delimiters of empty steps
-        solution = response["content"].rstrip("\n")
+    answered = [r["content"].rstrip("\n") for r in result.responses if "\\boxed{" in r["content"]]
+    assert answered, "no particle wrote its answer"
+    for solution in answered:  # nothing after the answer step but the delimiters of empty steps
         assert task.ANSWER_RE.fullmatch(solution.split("\n\n")[-1]), solution
     ended = [c for c, r in zip(lm.sent, lm.returned) if r == "" and c[-1].role == "assistant"]
     assert ended, "no particle ended before max_steps"

@@ -112,6 +112,23 @@ def test_score_steps_takes_the_same_path(policy_dir, hf_logp):
         assert math.log(score) == pytest.approx(min(step_logp(hf_logp, prompt, prefix, ids[k])), abs=1e-4)
 
 
+def test_model_aggregation_judges_the_prefix_by_its_worst_step(policy_dir, hf_logp):
+    """Under the default ``model`` aggregation a likelihood PRM's prefix score is its least likely
+    step's (``min`` over steps), in score_steps and in a PF run alike."""
+    engine = likelihood_engine(policy_dir)
+    steps = [" add 17", " and 25", " = 42."]
+    assert engine.score_steps(PROMPT, steps) == engine.score_steps(PROMPT, steps, aggregation="min")
+    prompt = engine.tokenizer.encode(PROMPT)
+    result = engine.generate([Request(PROMPT, SamplingParams(temperature=1.0, seed=3, max_steps=4, max_step_tokens=4),
+                                      SearchParams(n_particles=6))])[0]
+    assert result.stats.resamples >= 2
+    for p in result.particles:
+        bounds = list(p.step_starts) + [len(p.token_ids)]
+        worst = min(min(step_logp(hf_logp, prompt, p.token_ids[:a], p.token_ids[a:b]))
+                    for a, b in zip(bounds, bounds[1:]) if b > a)
+        assert math.log(p.score) == pytest.approx(worst, abs=1e-4)
+
+
 def test_pf_runs_end_to_end_from_the_cli_flag(policy_dir, capsys):
     assert main(["generate", "--model", policy_dir, "--prm", policy_dir, "--prm-likelihood", "min", "--prompt", PROMPT,
                  "--seed", "0", "--max-steps", "3", "--max-step-tokens", "5", "--particles", "4", "--json"]) == 0

@@ -18,12 +18,12 @@ import torch.distributed as dist
 from pfengine import Engine, EngineConfig, Request, SearchParams
 from pfengine.cache.block_manager import BlockManager
 from pfengine.cli import main
-from pfengine.config import InvalidArgument
+from pfengine.config import InvalidArgument, PRMConfig
 from pfengine.distributed import DecoderSpec, connect
 from pfengine.model.shard import Shard
 from pfengine.random_model import save_random_model
 from pfengine.runner import ModelRunner
-from pfengine.toy.pf import POLICY, PRM, pf_request
+from pfengine.toy.pf import POLICY, PRM, PRM_CONFIG, pf_request
 from pfengine.toy.task import heldout_set
 from test_engine_pf import distinct_prefixes
 
@@ -118,13 +118,14 @@ GREEDY = Request("What is 1 + 1?", search=SearchParams(method="greedy", n_partic
 @pytest.mark.slow
 @pytest.mark.parametrize("prm", [PRM, POLICY / "value_head.safetensors"], ids=["separate-prm", "value-head"])
 def test_a_pf_request_on_two_ranks_is_the_same_request(prm, one_thread):
-    """The bundled toy policy with its separate PRM (split across the same two ranks) or its value
-    head (on rank 0): two requests in a row on one two-rank engine give the particles, answers,
-    weights and resampling ancestry of one process, every distinct prefix forwarded once."""
+    """The bundled toy policy with its separate PRM (a likelihood PRM, split across the same two
+    ranks) or its value head (on rank 0): two requests in a row on one two-rank engine give the
+    particles, answers, weights and resampling ancestry of one process, every distinct prefix
+    forwarded once."""
     outcomes = []
     for size in (1, 2):
         engine = Engine(EngineConfig(model=str(POLICY), prm=str(prm), num_blocks=256, max_particles=16,
-                                     tensor_parallel_size=size))
+                                     prm_config=PRM_CONFIG if prm == PRM else PRMConfig(), tensor_parallel_size=size))
         try:
             results = [engine.generate([r])[0] for r in pf_requests()]
             outcomes.append((results, engine.stats()))
@@ -169,7 +170,7 @@ def test_close_stops_the_workers_and_a_dead_worker_is_an_error(one_thread):
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_fails_the_run_without_hanging(one_thread):
-    engine = Engine(EngineConfig(model=str(POLICY), prm=str(PRM), num_blocks=1024, max_particles=128,
+    engine = Engine(EngineConfig(model=str(POLICY), prm=str(PRM), prm_config=PRM_CONFIG, num_blocks=1024, max_particles=128,
                                  tensor_parallel_size=2))
     (worker,) = engine.group.workers
     long_run = [pf_request(p, n_particles=16, seed=k, temperature=1.5) for k, p in enumerate(heldout_set(8))]

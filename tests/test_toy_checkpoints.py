@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from pfengine import Engine, EngineConfig
+from pfengine import Engine, EngineConfig, PRMConfig
 from pfengine.cli import main
 from pfengine.eval.report import label
 from pfengine.toy import demo
-from pfengine.toy.pf import POLICY, PRM, VALUE_HEAD, pf_request
+from pfengine.toy.pf import POLICY, PRM, PRM_CONFIG, VALUE_HEAD, pf_request
 from pfengine.toy.task import check_steps, extract_answer, heldout_set
 
 pytestmark = pytest.mark.skipif(not (POLICY / "config.json").is_file(), reason="toy checkpoints not built")
@@ -27,7 +27,8 @@ def test_bundled_checkpoints_are_small_and_complete():
 
 @pytest.mark.parametrize("prm", [VALUE_HEAD, PRM], ids=["value_head", "prm_model"])
 def test_pf_on_a_heldout_problem(prm):
-    engine = Engine(EngineConfig(model=str(POLICY), prm=str(prm), num_blocks=512))
+    engine = Engine(EngineConfig(model=str(POLICY), prm=str(prm), num_blocks=512,
+                                 prm_config=PRM_CONFIG if prm == PRM else PRMConfig()))
     problem = heldout_set(1)[0]
     result = engine.generate([pf_request(problem, n_particles=4, seed=0)])[0]
     assert all(p.finish_reason == "eos" for p in result.particles)  # trained: every solution ends itself
@@ -49,12 +50,12 @@ def test_eval_on_the_toy_set_reproduces_direct_engine_runs(tmp_path):
     the engine alone and checking it with the toy task's own checker (the old demo's evaluation)."""
     problems = heldout_set(6)
     path = demo.export(problems, tmp_path / "problems.jsonl")
-    argv = demo.eval_argv(path, [4], 0.5, 0, PRM, tmp_path / "out")
+    argv = demo.eval_argv(path, [4], 0.5, 0, PRM, PRM_CONFIG.likelihood, tmp_path / "out")
     argv[argv.index("--method") + 1] = "greedy,best_of_n,beam_search,particle_filter"  # a subset keeps it quick
     assert main(argv + ["--no-progress"]) == 0
     records = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert len(records) == 6 * 4
-    engine = Engine(EngineConfig(model=str(POLICY), prm=str(PRM)))
+    engine = Engine(EngineConfig(model=str(POLICY), prm=str(PRM), prm_config=PRM_CONFIG))
     for r in records:
         problem = problems[r["index"]]
         alone = engine.generate([pf_request(problem, r["budget"], r["seed"], 0.5, method=r["method"],

@@ -1,4 +1,6 @@
-"""The toy arithmetic task: generator, step checker, answer extraction."""
+"""The toy arithmetic task: generator, step checker (prefix and local labels), slips, answer extraction."""
+import random
+
 import pytest
 
 from pfengine.toy.task import (MAX_OPERAND, MAX_OPS, MAX_VALUE, MIN_OPERAND, MIN_OPS, MIN_VALUE, Problem,
@@ -94,3 +96,40 @@ def test_generators_are_seeded_disjoint_and_in_range():
 
 def test_fixed_number_of_operations():
     assert {len(p.ops) for p in problems("train", 0, 50, n_ops=5)} == {5}
+
+
+@pytest.mark.parametrize("solution, prefix, local", [
+    (REF, [True, True, True, True], [True, True, True, True]),
+    # a slip at step 1, every later step right from the written value: only step 1 is locally wrong
+    ("47 + 385 = 432\n\n432 - 129 = 313\n\n313 + 56 = 369\n\nThe answer is \\boxed{369}.",
+     [True, False, False, False], [True, False, True, True]),
+    # ... and an answer that ignores the written chain is wrong locally too
+    ("47 + 385 = 432\n\n432 - 129 = 313\n\n313 + 56 = 369\n\nThe answer is \\boxed{359}.",
+     [True, False, False, False], [True, False, True, False]),
+    # a step that "repairs" the chain (left operand is not what was written) is locally wrong
+    ("47 + 385 = 432\n\n432 - 129 = 313\n\n303 + 56 = 359\n\nThe answer is \\boxed{359}.",
+     [True, False, False, False], [True, False, False, True]),
+    # wrong operand, skipped operation, unparseable step (nothing after it can be judged right)
+    ("47 + 358 = 405\n\n405 - 129 = 276", [False, False], [False, True]),
+    ("47 + 385 = 432\n\n303 + 56 = 359", [True, False], [True, False]),
+    ("47 + 385 = 432\n\nforty\n\n303 + 56 = 359", [True, False, False], [True, False, False]),
+    ("47 + 385 = 432\n\n432 - 129 = 303\n\n303 + 56 = 359\n\nThe answer is \\boxed{359}.\n\n359 + 1 = 360",
+     [True, True, True, True, False], [True, True, True, True, False]),
+])
+def test_local_labels(solution, prefix, local):
+    c = check_solution(P, solution)
+    assert (c.step_ok, c.step_local) == (prefix, local)
+
+
+def test_prefix_labels_are_the_running_and_of_local_labels():
+    """Random slips (a digit of one step's result changed, later steps right or wrong from there)."""
+    rng = random.Random(0)
+    for p in heldout_set(50):
+        steps = p.steps()
+        for _ in range(3):
+            i = rng.randrange(len(steps))
+            k = rng.randrange(len(steps[i]))
+            if steps[i][k].isdigit():
+                steps[i] = steps[i][:k] + str((int(steps[i][k]) + 1) % 10) + steps[i][k + 1:]
+        c = check_steps(p, steps)
+        assert c.step_ok == [all(c.step_local[:i + 1]) for i in range(len(steps))]

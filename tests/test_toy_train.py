@@ -1,19 +1,21 @@
 """Smoke test of the toy training script (tiny budget): layout, reproducibility, and that its
 outputs load through the engine's public loader and run particle filtering."""
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import Qwen2ForCausalLM
 
-from pfengine import Engine, EngineConfig
+from pfengine import Engine, EngineConfig, PRMConfig
 from pfengine.toy import train
-from pfengine.toy.modeling import StepCutter
-from pfengine.toy.pf import pf_request
+from pfengine.toy.modeling import StepCutter, label
+from pfengine.toy.pf import MAX_STEP_TOKENS, PRM_CONFIG, pf_request
+from pfengine.toy import prm_eval
 from pfengine.toy.prm_eval import auroc
 from pfengine.toy.task import heldout_set
-from pfengine.toy.tokenizer import build_tokenizer
+from pfengine.toy.tokenizer import build_tokenizer, prompt_ids, step_ids
 
 
 def run_tiny(out) -> None:
@@ -38,15 +40,13 @@ def test_layout(trained):
         for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
             assert (d / f).is_file(), f"{d / f} missing"
     assert json.loads((policy / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
-    assert json.loads((prm / "config.json").read_text())["architectures"] == ["Qwen2ForProcessRewardModel"]
+    assert json.loads((prm / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
     eos = json.loads((policy / "generation_config.json").read_text())["eos_token_id"]
     H = json.loads((policy / "config.json").read_text())["hidden_size"]
     head = load_file(str(policy / "value_head.safetensors"))
     assert {k: tuple(v.shape) for k, v in head.items()} == {
         "score.0.weight": (H, H), "score.0.bias": (H,), "score.2.weight": (2, H), "score.2.bias": (2,)}
-    tensors = load_file(str(prm / "model.safetensors"))
-    assert all(k.startswith(("model.", "score.")) for k in tensors)
-    assert {"score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias"} <= set(tensors)
+    assert load_file(str(prm / "model.safetensors")).keys() == load_file(str(policy / "model.safetensors")).keys()
     report = json.loads((trained / "report.json").read_text())
     assert report["tokenizer"]["same_ids_after_reload"]
     assert report["vocab_size"] > 259
@@ -64,7 +64,8 @@ def test_reproducible(trained, tmp_path):
 @pytest.mark.parametrize("prm", ["value_head", "model"])
 def test_outputs_run_pf_through_the_engine(trained, prm):
     path = trained / "policy" / "value_head.safetensors" if prm == "value_head" else trained / "prm"
-    engine = Engine(EngineConfig(model=str(trained / "policy"), prm=str(path), num_blocks=256))
+    engine = Engine(EngineConfig(model=str(trained / "policy"), prm=str(path), num_blocks=256,
+                                 prm_config=PRM_CONFIG if prm == "model" else PRMConfig()))
     problem = heldout_set(1)[0]
     result = engine.generate([pf_request(problem, n_particles=4, seed=0, max_steps=3, max_step_tokens=6)])[0]
     assert len(result.particles) == 4
@@ -103,20 +104,26 @@ def test_auroc_matches_pairwise_definition():
     assert auroc(s, y) == pytest.approx(pairs)
 
 
-def test_prm_keeps_the_frozen_bottom_of_the_teacher():
-    """The embeddings and the bottom ``prm_frozen_layers`` layers leave training exactly as the
-    teacher had them; every layer above (the teacher's and the new ones) and the final norm learn."""
+def test_likelihood_scores_are_the_least_likely_token_of_a_step_and_of_a_prefix(trained):
+    """prm_eval's view of the teacher: a step's score is its least likely token's probability (each
+    token scored alone here, from the text before it), a prefix's the minimum over its steps."""
+    teacher = Qwen2ForCausalLM.from_pretrained(str(trained / "prm")).eval()
     tokenizer = build_tokenizer(seed=0)
-    b = train.BUDGETS["tiny"]
-    torch.manual_seed(0)
-    teacher = Qwen2ForCausalLM(train.qwen2_config(b.policy, tokenizer)).eval()
-    stream = train.SlipStream(tokenizer, seed=0)
-    backbone, _ = train.train_prm(teacher, tokenizer, [next(stream) for _ in range(8)], b, seed=0)
-    before = teacher.model.state_dict()
-    for name, value in backbone.state_dict().items():
-        layer = int(name.split(".")[1]) if name.startswith("layers.") else None
-        frozen = name.startswith("embed_tokens") or (layer is not None and layer < b.prm_frozen_layers)
-        if frozen:
-            assert torch.equal(value, before[name]), name
-        elif name in before:
-            assert not torch.equal(value, before[name]), name
+    cutter = StepCutter(tokenizer, MAX_STEP_TOKENS)
+    samples = [label(cutter, p, prompt_ids(tokenizer, p.text), [t for s in step_ids(tokenizer, steps) for t in s])
+               for p in heldout_set(2) for steps in (p.steps(), ["12 + 3 = 15"] + p.steps()[1:])]
+    step, prefix = prm_eval.likelihood_probs(teacher, samples, tokenizer.pad_token_id)
+    want = []
+    with torch.no_grad():
+        for s in samples:
+            ids = s.prompt + s.tokens
+            for a, e in s.spans:
+                logps = [float(torch.log_softmax(teacher(input_ids=torch.tensor([ids[:k]])).logits[0, -1], -1)[ids[k]])
+                         for k in range(len(s.prompt) + a, len(s.prompt) + e)]
+                want.append(math.exp(min(logps)))
+    assert step == pytest.approx(want, rel=1e-4)
+    k = 0
+    for s in samples:
+        n = len(s.spans)
+        assert list(prefix[k:k + n]) == [min(step[k:k + i + 1]) for i in range(n)]
+        k += n

@@ -17,8 +17,6 @@ from pfengine.toy.task import Problem
 METHODS = ("greedy", "best_of_n", "weighted_best_of_n", "self_consistency", "beam_search", "dvts", "particle_filter")
 BEAM_WIDTH = 4
 """Beam search and DVTS keep ``budget`` beams in groups of (at most) 4, as search-and-learn does."""
-SCALING_RESULTS = "bench/results/toy-scaling/"
-"""Where the full sweep (budgets 1-64, 500 problems) and the distillation's Pareto plot are kept."""
 
 
 def export(problems: list[Problem], path: Path) -> Path:
@@ -29,14 +27,16 @@ def export(problems: list[Problem], path: Path) -> Path:
     return write_problems(rows, path)
 
 
-def eval_argv(data: Path, budgets: list[int], temperature: float, seed: int, prm: Path, out: Path) -> list[str]:
+def eval_argv(data: Path, budgets: list[int], temperature: float, seed: int, prm: Path, likelihood: str | None,
+              out: Path) -> list[str]:
     """The ``pfengine eval`` command line of the demo: every method, the toy task's step limits, a
-    cache large enough for a whole budget-16 batch of 200 problems, fresh results."""
+    cache for ~70 budget-16 problems at a time (1 GiB per model), fresh results."""
     return ["eval", str(data), "--method", ",".join(METHODS), "--budgets", ",".join(map(str, budgets)),
-            "--prm", str(prm), "--temperature", str(temperature), "--seed", str(seed),
+            "--prm", str(prm), *(["--prm-likelihood", likelihood] if likelihood else []),
+            "--temperature", str(temperature), "--seed", str(seed),
             "--max-steps", str(MAX_STEPS), "--max-step-tokens", str(MAX_STEP_TOKENS),
             "--max-tokens", str(MAX_STEPS * MAX_STEP_TOKENS), "--beam-width", str(BEAM_WIDTH),
-            "--num-blocks", "8192", "--max-particles", "4096", "--out", str(out), "--fresh"]
+            "--num-blocks", "16384", "--max-particles", "4096", "--out", str(out), "--fresh"]
 
 
 def is_correct(problem: Problem, result: PFResult) -> bool:
@@ -44,13 +44,15 @@ def is_correct(problem: Problem, result: PFResult) -> bool:
 
 
 def hard_problem(engine: Engine, problems: list[Problem], budget: int, seed: int, temperature: float) -> Problem:
-    """A problem worth tracing: the first one greedy decoding gets wrong on which PF resamples at
-    least once (else the first one greedy gets wrong, else the first one)."""
+    """A problem worth tracing: the first one greedy decoding gets wrong that PF gets right after
+    resampling at least once (else the first greedy-wrong one PF resamples on, else the first one
+    greedy gets wrong, else the first one)."""
     greedy = engine.generate([pf_request(p, 1, seed, method="greedy") for p in problems])
     wrong = [p for p, r in zip(problems, greedy) if not is_correct(p, r)]
     runs = engine.generate([pf_request(p, budget, seed, temperature) for p in wrong])
-    resampled = (p for p, r in zip(wrong, runs) if any(tr.ancestors is not None for tr in r.trace))
-    return next(resampled, wrong[0] if wrong else problems[0])
+    resampled = [(p, r) for p, r in zip(wrong, runs) if any(tr.ancestors is not None for tr in r.trace)]
+    rescued = (p for p, r in resampled if is_correct(p, r))
+    return next(rescued, resampled[0][0] if resampled else wrong[0] if wrong else problems[0])
 
 
 def trace_one(engine: Engine, request: Request, problem: Problem) -> PFResult:

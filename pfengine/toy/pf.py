@@ -1,25 +1,32 @@
-"""Where the bundled toy checkpoints live, and engine requests for toy problems."""
+"""Where the bundled toy checkpoints live, how the engine reads their PRM, and engine requests for
+toy problems."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from pfengine.config import Request, SamplingParams, SearchParams
-from pfengine.toy.task import Problem
+from pfengine.config import PRMConfig, Request, SamplingParams, SearchParams
+from pfengine.toy.task import MAX_OPS, Problem
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 POLICY = CHECKPOINTS / "policy"
 VALUE_HEAD = POLICY / "value_head.safetensors"
 PRM = CHECKPOINTS / "prm"
+PRM_CONFIG = PRMConfig(likelihood="min")
+"""The bundled PRM is a teacher that solves the task (``pfengine.toy.train.train_teacher``): a step
+is as good as the least likely token the teacher sees written in it."""
 
-DEMO_TEMPERATURE = 0.5
-"""Policy sampling temperature of the demo's sampled methods. At 0.8 the policy's samples are right
-62 % of the time against 70.5 % for greedy decoding, and this toy PRM's top score picks a wrong
-sample too often for best-of-16 to beat greedy; from 0.3 to 0.5 it does (README, toy demo)."""
+SCALING_RESULTS = "bench/results/toy-scaling/"
+"""Where the full sweep (budgets 1-64, 500 problems) and the distillation's Pareto plot are kept."""
 
-MAX_STEPS = 10
-"""A solution has at most 7 steps (6 operations + the answer)."""
-MAX_STEP_TOKENS = 32
-"""A step is at most ~16 tokens."""
+DEMO_TEMPERATURE = 1.0
+"""Policy sampling temperature of the demo's sampled methods: the policy's own distribution. This
+PRM passes no wrong step, so the more varied the samples the more every PRM-guided method finds;
+best-of-N gains least (README, "Budgets 1-64 on 500 problems")."""
+
+MAX_STEPS = MAX_OPS + 2
+"""A solution has at most 13 steps (12 operations + the answer); one more shows a run-on."""
+MAX_STEP_TOKENS = 24
+"""A step is at most 11 tokens."""
 
 
 def is_bundled() -> bool:

@@ -8,9 +8,10 @@ programmatically (1 while the prefix is still correct). Scored:
 
 - ``value_head``: the head on the policy's final hidden state at each step's last token (and each
   further head given as ``--value-head NAME=FILE``, e.g. one written by ``pfengine distill``);
-- ``prm_model``: the separate PRM as the engine feeds it under ``model`` aggregation (the prefix,
-  untagged, plus one step tag);
-- ``prm_tagged``: the separate PRM with a tag after every step (``last`` / ``prod`` / ``min``).
+- ``prm``: the separate PRM (a teacher read as a likelihood PRM, ``min``) as the engine scores a
+  prefix under ``model`` aggregation: the probability of the least likely token written so far;
+- ``prm_step``: the same PRM on each step alone (its least likely token) against the step's local
+  label (right given the steps written before it).
 """
 from __future__ import annotations
 
@@ -21,11 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pfengine.distill import Head
-from pfengine.toy.modeling import (Sampled, engine_solutions, gather, prm_batch, prm_hidden, step_end_hidden,
-                                   tag_id_of)
+from pfengine.toy.modeling import Sampled, engine_solutions, step_end_hidden, token_logprobs
 from pfengine.toy.task import heldout_set
 
 DEFAULT_CKPT = Path(__file__).parent / "checkpoints"
@@ -78,16 +78,18 @@ def value_head_probs(policy, head: Head, samples: list[Sampled], pad_id: int) ->
     return head_probs(head, hidden), labels.numpy()
 
 
-@torch.no_grad()
-def prm_probs(backbone, head: Head, samples: list[Sampled], tag_id: int, pad_id: int, mode: str,
-              batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    backbone.eval()
-    ps, ys = [], []
-    for b in range(0, len(samples), batch_size):
-        batch = prm_batch(samples[b:b + batch_size], tag_id, pad_id, mode)
-        ps.append(head_probs(head, gather(prm_hidden(backbone, batch), batch.tags)))
-        ys += [y for lab in batch.labels for y in lab]
-    return np.concatenate(ps), np.asarray(ys)
+def likelihood_probs(model, samples: list[Sampled], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per step of each sample: the probability ``model`` gives the step's least likely token, and
+    the running minimum of that over the steps so far (the prefix's score under ``model``
+    aggregation)."""
+    steps, prefix = [], []
+    for s, lp in zip(samples, token_logprobs(model, samples, pad_id)):
+        low = np.inf
+        for a, e in s.spans:
+            steps.append(min(lp[a:e]))
+            low = min(low, steps[-1])
+            prefix.append(low)
+    return np.exp(steps), np.exp(prefix)
 
 
 def load_head(tensors: dict[str, torch.Tensor]) -> Head:
@@ -112,13 +114,10 @@ def evaluate(policy_dir: str | Path, prm_dir: str | Path | None, n_problems: int
         head = load_head(load_file(str(path)))
         out[name] = step_metrics(*value_head_probs(policy, head, samples, tok.pad_token_id))
     if prm_dir is not None:
-        prm_dir = Path(prm_dir)
-        backbone = Qwen2Model.from_pretrained(str(prm_dir), dtype=torch.float32).eval()
-        prm_head = load_head(load_file(str(prm_dir / "model.safetensors")))
-        tag = tag_id_of(tok)
-        for mode in ("model", "tagged"):
-            p, y = prm_probs(backbone, prm_head, samples, tag, tok.pad_token_id, "model" if mode == "model" else "all")
-            out[f"prm_{mode}"] = step_metrics(p, y)
+        teacher = AutoModelForCausalLM.from_pretrained(str(prm_dir), dtype=torch.float32).eval()
+        step, prefix = likelihood_probs(teacher, samples, tok.pad_token_id)
+        out["prm"] = step_metrics(prefix, [y for s in samples for y in s.labels])
+        out["prm_step"] = step_metrics(step, [y for s in samples for y in s.local])
     return out
 
 

@@ -1,8 +1,8 @@
 """A synthetic multi-step arithmetic task whose every step can be checked by a program.
 
-A problem is a start number and 3-6 additions / subtractions of two-digit operands::
+A problem is a start number and 6-12 additions / subtractions of two-digit operands::
 
-    Start with 47. Add 38. Subtract 29. Add 16. What is the result?
+    Start with 47. Add 38. Subtract 29. Add 16. Subtract 45. Add 21. Subtract 30. What is the result?
 
 Its solution applies one operation per step; steps are separated by ``"\\n\\n"``::
 
@@ -10,15 +10,19 @@ Its solution applies one operation per step; steps are separated by ``"\\n\\n"``
 
     85 - 29 = 56
 
-    56 + 16 = 72
+    ...
 
-    The answer is \\boxed{72}.
+    48 - 30 = 18
+
+    The answer is \\boxed{18}.
 
 Every running value has exactly two digits (an operation that would leave ``[10, 99]`` is never
 drawn), so each step is a two-digit addition or subtraction, many with a carry or borrow. Why not
 three digits: written most-significant digit first, three-digit sums were not learned by a ~1M
-parameter model within the training budget (~20 CPU minutes); two-digit ones are, imperfectly.
-The checker itself does not depend on the range. Train and held-out problems are disjoint by
+parameter model within a ~20 CPU-minute budget; two-digit ones are. Why 6-12 operations: a slip
+anywhere spoils the answer, so errors compound along the chain and a policy that gets most single
+steps right solves well under half of the problems greedily -- the regime where search over steps
+pays. The checker itself does not depend on the range. Train and held-out problems are disjoint by
 construction: a problem belongs to the held-out split iff a hash of its text says so, and each
 generator only yields problems of its own split.
 """
@@ -30,7 +34,7 @@ import re
 from dataclasses import dataclass, field
 
 STEP_SEP = "\n\n"
-MIN_OPS, MAX_OPS = 3, 6
+MIN_OPS, MAX_OPS = 6, 12
 MIN_VALUE, MAX_VALUE = 10, 99
 """Every running value (start, intermediate results, answer) has exactly two digits."""
 MIN_OPERAND, MAX_OPERAND = 10, 99
@@ -76,24 +80,6 @@ class Problem:
         return split_of(self.text)
 
 
-def corrupted_steps(problem: Problem, rng: random.Random) -> list[str]:
-    """A solution with one arithmetic slip, as a sampling policy makes them: one step's result is off
-    by one in a digit (or by ten, a dropped carry / borrow); every later step continues correctly
-    from the wrong value."""
-    vals = problem.values()
-    i = rng.randrange(len(problem.ops))
-    wrong = vals[i + 1] + rng.choice([-11, -10, -9, -1, 1, 9, 10, 11])
-    if wrong < 0:
-        wrong = vals[i + 1] + 10
-    steps = [f"{vals[k]} {op} {x} = {vals[k + 1]}" for k, (op, x) in enumerate(problem.ops[:i])]
-    value = vals[i]
-    for k, (op, x) in enumerate(problem.ops[i:]):
-        nxt = wrong if k == 0 else (value + x if op == "+" else value - x)
-        steps.append(f"{value} {op} {x} = {nxt}")
-        value = nxt
-    return steps + [f"The answer is \\boxed{{{value}}}."]
-
-
 def split_of(text: str) -> str:
     h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
     return "heldout" if h % HELDOUT_EVERY == 0 else "train"
@@ -118,7 +104,7 @@ def random_problem(rng: random.Random, n_ops: int | None = None) -> Problem:
 def problems(split: str, seed: int, n: int | None = None, n_ops: int | None = None):
     """Problems of one split (``"train"`` or ``"heldout"``), reproducible from ``seed``; endless when
     ``n`` is None. Duplicates within a finite set are skipped. ``n_ops`` fixes the number of
-    operations (default: uniform in 3..6)."""
+    operations (default: uniform in MIN_OPS..MAX_OPS)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     rng = random.Random(f"{split}:{seed}" + (f":{n_ops}" if n_ops is not None else ""))
@@ -165,6 +151,12 @@ class Check:
     step_ok: list[bool] = field(default_factory=list)
     """Per generated step: the prefix up to and including it is still correct (prefix semantics:
     once a step is wrong, every later step is labelled wrong too)."""
+    step_local: list[bool] = field(default_factory=list)
+    """Per generated step: the step is right *given the steps written before it* -- it continues
+    from the previous step's written result, applies the problem's next operation and adds right.
+    The prefix is correct exactly while every step so far is locally right (``step_ok`` is the
+    running AND of ``step_local``), so a judge of single steps, aggregated by ``min``, judges
+    whole prefixes."""
     answer: int | None = None
     """The integer in the last ``\\boxed{}``, if any."""
     correct: bool = False
@@ -193,30 +185,40 @@ def check_step(problem: Problem, index: int, step: str) -> bool:
     earlier steps were correct? The left operand must be the correct running value, the operation
     and operand must be the problem's next ones, and the arithmetic right. The step after the last
     operation must state the answer."""
-    step = step.strip()
-    vals = problem.values()
-    if index < len(problem.ops):
-        m = STEP_RE.fullmatch(step)
-        if not m:
-            return False
-        a, op, x, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
-        want_op, want_x = problem.ops[index]
-        return a == vals[index] and op == want_op and x == want_x and c == vals[index + 1]
+    return local_step(problem, index, problem.values()[min(index, len(problem.ops))]) == step.strip()
+
+
+def local_step(problem: Problem, index: int, value: int | None) -> str | None:
+    """The right ``index``-th step (0-based) for a solution whose previous step wrote ``value`` (the
+    start value for index 0): the problem's next operation applied to ``value``, or the answer
+    statement after the last operation. None where no step can be right (``value`` unknown, or
+    the solution already past its answer)."""
+    if value is None or index > len(problem.ops):
+        return None
     if index == len(problem.ops):
-        m = ANSWER_RE.fullmatch(step)
-        return bool(m) and int(m.group(1)) == problem.answer
-    return False
+        return f"The answer is \\boxed{{{value}}}."
+    op, x = problem.ops[index]
+    return f"{value} {op} {x} = {value + x if op == '+' else value - x}"
+
+
+def written_result(step: str) -> int | None:
+    """The result an operation step wrote (``c`` in ``a op x = c``), or None."""
+    m = STEP_RE.fullmatch(step.strip())
+    return int(m.group(4)) if m else None
 
 
 def check_steps(problem: Problem, steps: list[str]) -> Check:
-    """Prefix-correctness labels for already-split steps (the engine's ``ParticleResult.steps``)."""
-    labels, ok = [], True
+    """Prefix-correctness and local labels for already-split steps (the engine's ``ParticleResult.steps``)."""
+    labels, local, ok, value = [], [], True, problem.start
     for i, s in enumerate(steps):
-        ok = ok and check_step(problem, i, s)
+        right = local_step(problem, i, value) == s.strip()
+        ok = ok and right
         labels.append(ok)
+        local.append(right)
+        value = written_result(s)
     answer = extract_answer(steps[-1]) if steps else None
     correct = bool(labels) and all(labels) and len(steps) == len(problem.ops) + 1
-    return Check(step_ok=labels, answer=answer, correct=correct)
+    return Check(step_ok=labels, step_local=local, answer=answer, correct=correct)
 
 
 def check_solution(problem: Problem, solution: str) -> Check:

@@ -1,53 +1,43 @@
-"""Train the bundled toy policy, its value head and a separate PRM on the arithmetic task.
+"""Train the bundled toy policy, its value head and the separate PRM on the arithmetic task.
 
-    python -m pfengine.toy.train --out DIR [--budget default|long|tiny] [--seed 0] [--threads 2]
+    python -m pfengine.toy.train --out DIR [--budget default|tiny] [--seed 0] [--threads 1]
 
 Writes ``DIR/policy`` (Qwen2ForCausalLM + tokenizer + ``value_head.safetensors``), ``DIR/prm``
-(Qwen2ForProcessRewardModel layout, same tokenizer) and ``DIR/report.json`` (timings, held-out
-accuracy of the policy, step-level accuracy / AUROC of both PRMs). Plain torch on CPU, seeded:
-the same command with the same thread count writes the same weights.
+(the teacher: a Qwen2ForCausalLM with the same tokenizer, read as a likelihood PRM, see
+:data:`pfengine.toy.pf.PRM_CONFIG`) and ``DIR/report.json`` (timings, held-out accuracy of policy
+and teacher, step-level accuracy / AUROC of the value head and the PRM). Plain torch on CPU,
+seeded: the same command with the same thread count writes the same weights.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Model
+from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 from transformers.utils import logging as hf_logging
 
-from pfengine.distill import FitConfig, Head, cosine_lr, fit_head
+from pfengine.distill import FitConfig, Head, fit_head
 from pfengine.toy.modeling import (
     Sampled,
-    StepCutter,
     encode_example,
     engine_solutions,
-    gather,
-    label,
     pad_batch,
-    prm_batch,
-    prm_hidden,
     sample_solutions,
     step_end_hidden,
-    tag_id_of,
 )
-from pfengine.toy.task import (
-    MAX_OPS,
-    MIN_OPS,
-    Problem,
-    corrupted_steps,
-    heldout_set,
-    problems,
-)
-from pfengine.toy.tokenizer import build_tokenizer, prompt_ids, save_tokenizer, step_ids
+from pfengine.toy.pf import MAX_STEP_TOKENS, MAX_STEPS
+from pfengine.toy.task import MAX_OPS, MIN_OPS, Problem, heldout_set, problems
+from pfengine.toy.tokenizer import build_tokenizer, save_tokenizer
 
 
 @dataclass
@@ -62,56 +52,41 @@ class LMSize:
 @dataclass
 class Budget:
     policy: LMSize
+    batch: int
+    lr: float
+    policy_when: float
+    """The policy is the model at the first check where greedy decoding solves this fraction of the
+    validation problems ..."""
+    teacher_when: float
+    """... the teacher decays from the first check where it solves this fraction ..."""
     max_steps: int
-    """Constant-LR phase ends here at the latest."""
-    decay_when: float
-    """... or as soon as greedy decoding solves this fraction of the validation problems."""
-    decay_steps: int
-    policy_batch: int
-    policy_lr: float
+    """... or from the first check at or after this step (the policy too, if it is not yet taken)."""
+    teacher_decay: int
     label_problems: int
-    """Training problems whose sampled solutions label the PRMs."""
+    """Training problems whose sampled solutions label the value head."""
     label_k: int
     """Samples per labelling problem."""
     head_epochs: int
-    teacher_steps: int
-    """The PRM starts from the policy trained this many more steps (a stronger "teacher")."""
-    prm_extra_layers: int
-    """... deepened by this many layers on top (see :func:`deepened`)."""
-    prm_frozen_layers: int
-    """The embeddings and this many bottom layers keep the teacher's weights: backward stops above them."""
-    prm_steps: int
-    prm_batch: int
-    prm_lr: float
-    """For the teacher's layers; the new layers and the head learn at ``prm_new_lr`` (head 3x)."""
-    prm_new_lr: float
     eval_problems: int
     eval_k: int
     """Held-out samples per problem at T=0.8 (their steps also evaluate the PRMs)."""
     warmup: int = 100
     check_from: int = 1000
-    check_every: int = 100
+    check_every: int = 50
     valid_problems: int = 100
 
 
 BUDGETS = {
-    # What the bundled checkpoints come from: ~19 minutes here.
-    "default": Budget(policy=LMSize(128, 4, 4, 2, 512), max_steps=3600, decay_when=0.6, decay_steps=0,
-                      check_every=50, policy_batch=16, policy_lr=2e-3,
-                      label_problems=1500, label_k=8, head_epochs=30, teacher_steps=800, prm_extra_layers=2,
-                      prm_frozen_layers=3, prm_steps=2100, prm_batch=32, prm_lr=2e-4, prm_new_lr=1e-3,
+    # What the bundled checkpoints come from (README, "The bundled toy model").
+    "default": Budget(policy=LMSize(128, 4, 4, 2, 512), batch=16, lr=2e-3, policy_when=0.2, teacher_when=0.8,
+                      max_steps=4000, teacher_decay=200, label_problems=1000, label_k=8, head_epochs=30,
                       eval_problems=400, eval_k=4),
-    "tiny": Budget(policy=LMSize(32, 2, 4, 2, 64), max_steps=6, decay_when=1.0, decay_steps=4,
-                   check_from=3, check_every=3, valid_problems=4, policy_batch=8, policy_lr=3e-3,
-                   label_problems=8, label_k=2, head_epochs=2, teacher_steps=2, prm_extra_layers=1,
-                   prm_frozen_layers=1, prm_steps=4, prm_batch=8, prm_lr=3e-3, prm_new_lr=3e-3,
-                   eval_problems=8, eval_k=2, warmup=2),
+    "tiny": Budget(policy=LMSize(32, 2, 4, 2, 64), batch=8, lr=3e-3, policy_when=1.0, teacher_when=1.0,
+                   max_steps=6, teacher_decay=2, label_problems=8, label_k=2, head_epochs=2, eval_problems=8,
+                   eval_k=2, warmup=2, check_from=3, check_every=3, valid_problems=4),
 }
-# A stronger PRM (every layer trained, 2,400 steps) for ~33 minutes; see the README.
-BUDGETS["long"] = replace(BUDGETS["default"], prm_frozen_layers=0, prm_steps=2400)
 SAMPLE_TEMPERATURE = 0.8
-MAX_NEW_TOKENS = 128
-MAX_STEP_TOKENS = 32
+MAX_NEW_TOKENS = MAX_STEPS * MAX_STEP_TOKENS
 MAX_POSITIONS = 512
 
 
@@ -131,37 +106,42 @@ def qwen2_config(size: LMSize, tokenizer) -> Qwen2Config:
 # Policy
 # ---------------------------------------------------------------------------------------------
 
-def train_policy(tokenizer, b: Budget, seed: int) -> tuple[Qwen2ForCausalLM, dict]:
-    """Teacher forcing on chat-formatted (problem -> solution + EOS) pairs, loss on the assistant's
-    tokens only. Every problem is fresh (an endless seeded stream); each batch has one number of
-    operations, so rows are about equally long (little padding).
+def train_policy_and_teacher(tokenizer, b: Budget, seed: int) -> tuple[Qwen2ForCausalLM, Qwen2ForCausalLM, dict]:
+    """One run of teacher forcing on chat-formatted (problem -> solution + EOS) pairs, loss on the
+    assistant's tokens only, gives both models. Every problem is fresh (an endless seeded stream);
+    each batch has one number of operations, so rows are about equally long (little padding).
 
-    Schedule: warmup, then a constant learning rate until greedy decoding solves ``decay_when`` of
-    a fixed validation set (train-split problems the stream never reaches; checked every
-    ``check_every`` steps) or ``max_steps`` pass, then ``decay_steps`` of cosine decay. When the
-    model learns carrying varies by seed by ~1000 steps (a sudden drop of the loss); a fixed step
-    count would land anywhere from "cannot add" to "almost perfect"."""
+    Schedule: warmup, then a constant learning rate; every ``check_every`` steps greedy decoding runs
+    on a fixed validation set (train-split problems the stream never reaches). The **policy** is the
+    model at the first check where it solves ``policy_when`` of them: good at single steps, wrong
+    somewhere in most long chains. The run goes on until greedy decoding solves ``teacher_when``
+    (or ``max_steps`` pass), then ``teacher_decay`` steps of cosine decay give the **teacher**, which
+    solves nearly every problem: the probability it gives a written token says whether the token is
+    right, so it judges the policy's steps as a likelihood PRM (:data:`pfengine.toy.pf.PRM_CONFIG`).
+    Why one run and not a policy trained further: when the model learns carrying varies by seed
+    (and thread count) by ~1000 steps, a fixed step count lands anywhere from "cannot add" to
+    "almost perfect", and a decayed policy trained further re-learns slowly."""
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(qwen2_config(b.policy, tokenizer))
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=b.policy_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=b.lr, betas=(0.9, 0.98), weight_decay=0.01)
     streams = {k: problems("train", seed, n_ops=k) for k in range(MIN_OPS, MAX_OPS + 1)}
     valid = list(problems("train", seed + 1_000_000, b.valid_problems))
     rng = random.Random(seed)
     t0, ema = time.perf_counter(), None
+    policy: Qwen2ForCausalLM | None = None
+    report: dict = {"checks": []}
     decay_from: int | None = None
-    history: list[dict] = []
     step = 0
-    while decay_from is None or step < decay_from + b.decay_steps:
+    while decay_from is None or step < decay_from + b.teacher_decay:
         stream = streams[rng.randint(MIN_OPS, MAX_OPS)]
-        loss = lm_loss(model, tokenizer, [next(stream) for _ in range(b.policy_batch)])
+        loss = lm_loss(model, tokenizer, [next(stream) for _ in range(b.batch)])
         if step < b.warmup:
-            lr = b.policy_lr * (step + 1) / b.warmup
+            lr = b.lr * (step + 1) / b.warmup
         elif decay_from is None:
-            lr = b.policy_lr
+            lr = b.lr
         else:
-            frac = (step - decay_from) / b.decay_steps
-            lr = b.policy_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+            lr = b.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - decay_from) / b.teacher_decay)))
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -173,18 +153,21 @@ def train_policy(tokenizer, b: Budget, seed: int) -> tuple[Qwen2ForCausalLM, dic
         if decay_from is None and step >= b.check_from and step % b.check_every == 0:
             model.eval()
             acc = accuracy(sample_solutions(model, tokenizer, valid, 1, 0.0, 0, max_new_tokens=MAX_NEW_TOKENS,
-                                            max_step_tokens=MAX_STEP_TOKENS))
+                                            max_step_tokens=MAX_STEP_TOKENS))["fully_correct"]
             model.train()
-            history.append({"step": step, "loss": round(ema, 4), "valid_greedy": acc["fully_correct"]})
-            log(f"policy step {step} loss {ema:.4f} valid greedy {acc['fully_correct']:.3f} "
-                f"({time.perf_counter() - t0:.0f}s)")
-            if acc["fully_correct"] >= b.decay_when or step >= b.max_steps:
-                decay_from = step
-                log(f"policy: decaying the learning rate over {b.decay_steps} steps from step {step}")
+            report["checks"].append({"step": step, "loss": round(ema, 4), "valid_greedy": acc})
+            log(f"step {step} loss {ema:.4f} valid greedy {acc:.3f} ({time.perf_counter() - t0:.0f}s)")
+            if policy is None and (acc >= b.policy_when or step >= b.max_steps):
+                policy, report["policy_step"] = copy.deepcopy(model).eval(), step
+                log(f"policy: the model at step {step}")
+            if acc >= b.teacher_when or step >= b.max_steps:
+                decay_from = report["teacher_decay_from"] = step
+                log(f"teacher: decaying the learning rate over {b.teacher_decay} steps from step {step}")
         elif step % 200 == 0:
-            log(f"policy step {step} loss {ema:.4f} ({time.perf_counter() - t0:.0f}s)")
-    model.eval()
-    return model, {"steps": step, "decay_from": decay_from, "checks": history}
+            log(f"step {step} loss {ema:.4f} ({time.perf_counter() - t0:.0f}s)")
+    report["teacher_step"] = step
+    assert policy is not None
+    return policy, model.eval(), report
 
 
 def lm_loss(model: Qwen2ForCausalLM, tokenizer, batch: list[Problem]) -> torch.Tensor:
@@ -199,139 +182,11 @@ def lm_loss(model: Qwen2ForCausalLM, tokenizer, batch: list[Problem]) -> torch.T
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1), ignore_index=-100)
 
 
-def train_teacher(policy: Qwen2ForCausalLM, tokenizer, b: Budget, seed: int) -> Qwen2ForCausalLM:
-    """A copy of the policy trained ``teacher_steps`` more steps on fresh problems (learning rate
-    decaying to a tenth). It solves nearly every problem, so its backbone already computes the digits
-    the sampling policy gets wrong; the PRM starts from it."""
-    torch.manual_seed(seed)
-    teacher = Qwen2ForCausalLM(policy.config)
-    teacher.load_state_dict(policy.state_dict())
-    teacher.train()
-    opt = torch.optim.AdamW(teacher.parameters(), lr=b.policy_lr, betas=(0.9, 0.98), weight_decay=0.01)
-    streams = {k: problems("train", seed, n_ops=k) for k in range(MIN_OPS, MAX_OPS + 1)}
-    rng = random.Random(seed)
-    t0 = time.perf_counter()
-    for step in range(b.teacher_steps):
-        loss = lm_loss(teacher, tokenizer, [next(streams[rng.randint(MIN_OPS, MAX_OPS)]) for _ in range(b.policy_batch)])
-        for g in opt.param_groups:
-            g["lr"] = b.policy_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / b.teacher_steps)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
-        opt.step()
-        if (step + 1) % 200 == 0:
-            log(f"teacher step {step + 1}/{b.teacher_steps} loss {float(loss.detach()):.4f} "
-                f"({time.perf_counter() - t0:.0f}s)")
-    return teacher.eval()
-
-
 def accuracy(samples: list[Sampled]) -> dict[str, float]:
     n = len(samples)
     return {"n": n, "fully_correct": sum(s.correct for s in samples) / n,
             "answer_correct": sum(s.answer == s.problem.answer for s in samples) / n,
             "step_accuracy": sum(sum(s.labels) for s in samples) / max(1, sum(len(s.labels) for s in samples))}
-
-
-# ---------------------------------------------------------------------------------------------
-# Separate PRM (Qwen2.5-Math-PRM layout), initialised from the policy's backbone
-# ---------------------------------------------------------------------------------------------
-
-class SlipStream:
-    """Fresh labelled solutions of training problems, never repeated: the reference solution, or
-    (with probability ``p_slip``) one with an arithmetic slip. Clean negatives at every step position,
-    next to the policy's own mostly-right samples."""
-
-    def __init__(self, tokenizer, seed: int, p_slip: float = 0.6) -> None:
-        self.tokenizer, self.p_slip = tokenizer, p_slip
-        self.cutter = StepCutter(tokenizer, MAX_STEP_TOKENS)
-        self.rng = random.Random(seed)
-        self.problems = problems("train", seed)
-
-    def __next__(self) -> Sampled:
-        p = next(self.problems)
-        steps = corrupted_steps(p, self.rng) if self.rng.random() < self.p_slip else p.steps()
-        ids = [t for s in step_ids(self.tokenizer, steps) for t in s] + [self.tokenizer.eos_token_id]
-        return label(self.cutter, p, prompt_ids(self.tokenizer, p.text), ids)
-
-
-def deepened(model: Qwen2ForCausalLM, extra: int) -> Qwen2Model:
-    """The model's backbone with ``extra`` more layers on top, each a copy of the last layer with its
-    output projections zeroed: the new layers start as the identity, so the PRM starts from exactly
-    the teacher's features, and they add the depth to compare a written digit with the predicted one
-    and carry the verdict to the step tag."""
-    d = model.config.to_dict()
-    d["num_hidden_layers"] += extra
-    d.pop("layer_types", None)
-    backbone = Qwen2Model(Qwen2Config.from_dict(d))
-    state = dict(model.model.state_dict())
-    last = model.config.num_hidden_layers - 1
-    for k, v in list(state.items()):
-        if k.startswith(f"layers.{last}."):
-            for j in range(last + 1, last + 1 + extra):
-                zero = k.endswith(("o_proj.weight", "down_proj.weight"))
-                state[k.replace(f"layers.{last}.", f"layers.{j}.")] = torch.zeros_like(v) if zero else v.clone()
-    backbone.load_state_dict(state)
-    return backbone
-
-
-def _depth(name: str, top: int) -> int:
-    """Where a backbone parameter sits, for freezing from the bottom: 0 for the embeddings, a layer's
-    index, ``top`` (above every layer) for the final norm."""
-    if name.startswith("layers."):
-        return int(name.split(".")[1])
-    return 0 if name.startswith("embed_tokens") else top
-
-
-def train_prm(teacher: Qwen2ForCausalLM, tokenizer, samples: list[Sampled], b: Budget, seed: int
-              ) -> tuple[Qwen2Model, Head]:
-    """Fine-tune the deepened teacher backbone plus a fresh head on the engine's ``model`` layout
-    (the prefix plus one step tag). Half of each batch is the policy's own samples, half fresh
-    reference / slipped solutions. Losses: the step label at each tag and the dense per-token label
-    (:func:`token_labels`) at each generated token."""
-    torch.manual_seed(seed)
-    backbone = deepened(teacher, b.prm_extra_layers)
-    backbone.train()
-    head = Head(teacher.config.hidden_size)
-    first_new = teacher.config.num_hidden_layers
-    new, old = [], []
-    for n, p in backbone.named_parameters():
-        depth = _depth(n, first_new)
-        p.requires_grad_(depth >= b.prm_frozen_layers)
-        if p.requires_grad:
-            (new if n.startswith("layers.") and depth >= first_new else old).append(p)
-    opt = torch.optim.AdamW([{"params": old, "lr": b.prm_lr}, {"params": new, "lr": b.prm_new_lr},
-                             {"params": head.parameters(), "lr": 3 * b.prm_new_lr}], weight_decay=0.01)
-    base = [g["lr"] for g in opt.param_groups]
-    tag, pad = tag_id_of(tokenizer), tokenizer.pad_token_id
-    rng = random.Random(seed)
-    fresh = SlipStream(tokenizer, seed + 1)
-    order: list[int] = []
-    half = b.prm_batch // 2
-    t0, ema = time.perf_counter(), None
-    for step in range(b.prm_steps):
-        if len(order) < half:
-            more = list(range(len(samples)))
-            rng.shuffle(more)
-            order += more
-        chunk = [samples[i] for i in order[:half]] + [next(fresh) for _ in range(b.prm_batch - half)]
-        del order[:half]
-        batch = prm_batch(chunk, tag, pad, "model")
-        hidden = prm_hidden(backbone, batch)
-        steps = torch.tensor([y for lab in batch.labels for y in lab])
-        dense = torch.tensor([int(y) for s in chunk for y in s.token_labels])
-        loss = (F.cross_entropy(head(gather(hidden, batch.tags)), steps)
-                + F.cross_entropy(head(gather(hidden, batch.generated)), dense)) / 2
-        for g, lr in zip(opt.param_groups, base):
-            g["lr"] = cosine_lr(step, b.prm_steps, lr, b.warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(backbone.parameters(), 1.0)
-        opt.step()
-        ema = float(loss.detach()) if ema is None else 0.97 * ema + 0.03 * float(loss.detach())
-        if (step + 1) % 100 == 0 or step + 1 == b.prm_steps:
-            log(f"prm step {step + 1}/{b.prm_steps} loss {ema:.4f} ({time.perf_counter() - t0:.0f}s)")
-    backbone.eval()
-    return backbone, head.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,20 +201,6 @@ def save_policy(model: Qwen2ForCausalLM, tokenizer, head: Head | None, path: Pat
     save_tokenizer(tokenizer, path)
     if head is not None:
         save_file(head.state(), str(path / "value_head.safetensors"))
-
-
-def save_prm(backbone: Qwen2Model, head: Head, tokenizer, path: Path) -> None:
-    """``config.json`` with ``architectures: ["Qwen2ForProcessRewardModel"]``; ``model.safetensors``
-    with the backbone as ``model.*`` (no ``lm_head``) and the head as ``score.0.*`` / ``score.2.*``."""
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = Qwen2Config.from_dict(backbone.config.to_dict())
-    cfg.architectures = ["Qwen2ForProcessRewardModel"]
-    cfg.tie_word_embeddings = False
-    cfg.save_pretrained(str(path))
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in backbone.state_dict().items()}
-    tensors |= head.state()
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    save_tokenizer(tokenizer, path)
 
 
 def check_tokenizer(path: Path, tokenizer, samples: list[Sampled]) -> dict:
@@ -383,8 +224,7 @@ def _sampler(kind: str, policy, tokenizer, policy_dir: Path):
     """``draw(problems, k, temperature, seed) -> list[Sampled]`` with pfengine (default) or a plain
     transformers sampler (no dependence on the engine; about half as fast here)."""
     if kind == "engine":
-        return lambda probs, k, temp, seed: engine_solutions(policy_dir, probs, k, temp, seed,
-                                                            max_step_tokens=MAX_STEP_TOKENS)
+        return lambda probs, k, temp, seed: engine_solutions(policy_dir, probs, k, temp, seed)
     return lambda probs, k, temp, seed: sample_solutions(policy, tokenizer, probs, k, temp, seed,
                                                          max_new_tokens=MAX_NEW_TOKENS, max_step_tokens=MAX_STEP_TOKENS)
 
@@ -409,10 +249,10 @@ def run(out: Path, budget: str = "default", seed: int = 0, sampler: str = "engin
     report["seconds"]["tokenizer"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    log(f"policy: {asdict(b.policy)}, batches of {b.policy_batch}")
-    policy, report["policy_training"] = train_policy(tokenizer, b, seed)
-    report["policy_params"] = sum(p.numel() for p in policy.parameters())
-    report["seconds"]["policy"] = time.perf_counter() - t
+    log(f"policy and teacher: {asdict(b.policy)}, batches of {b.batch}")
+    policy, teacher, report["training"] = train_policy_and_teacher(tokenizer, b, seed)
+    report["params"] = sum(p.numel() for p in policy.parameters())
+    report["seconds"]["policy_and_teacher"] = time.perf_counter() - t
 
     save_policy(policy, tokenizer, None, policy_dir)
     draw = _sampler(sampler, policy, tokenizer, policy_dir)
@@ -430,14 +270,7 @@ def run(out: Path, budget: str = "default", seed: int = 0, sampler: str = "engin
     save_file(head.state(), str(policy_dir / "value_head.safetensors"))
     report["seconds"]["value_head"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    teacher = train_teacher(policy, tokenizer, b, seed + 7)
-    report["seconds"]["teacher"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    backbone, prm_head = train_prm(teacher, tokenizer, samples, b, seed + 4)
-    save_prm(backbone, prm_head, tokenizer, prm_dir)
-    report["seconds"]["prm"] = time.perf_counter() - t
+    save_policy(teacher, tokenizer, None, prm_dir)
     report["tokenizer"] = check_tokenizer(policy_dir, tokenizer, samples)
 
     # Held-out evaluation of what was saved (the engine loads it from disk).
@@ -447,7 +280,8 @@ def run(out: Path, budget: str = "default", seed: int = 0, sampler: str = "engin
     greedy = draw(held, 1, 0.0, seed + 5)
     sampled = draw(held, b.eval_k, SAMPLE_TEMPERATURE, seed + 6)
     report["heldout_policy"] = {"greedy": accuracy(greedy), f"T={SAMPLE_TEMPERATURE}": accuracy(sampled)}
-    log(f"held-out policy: {report['heldout_policy']}")
+    report["heldout_teacher"] = {"greedy": accuracy(_sampler(sampler, teacher, tokenizer, prm_dir)(held, 1, 0.0, seed + 5))}
+    log(f"held-out policy: {report['heldout_policy']}; teacher: {report['heldout_teacher']}")
     report["heldout_prm"] = evaluate(policy_dir, prm_dir, samples=sampled)
     report["seconds"]["eval"] = time.perf_counter() - t
     report["seconds"]["total"] = time.perf_counter() - t_all
@@ -458,11 +292,11 @@ def run(out: Path, budget: str = "default", seed: int = 0, sampler: str = "engin
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Train the toy policy, value head and PRM.")
+    ap = argparse.ArgumentParser(description="Train the toy policy, its value head and the teacher (the PRM).")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="default")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it)")
     ap.add_argument("--sampler", choices=["engine", "hf"], default="engine",
                     help="what samples the policy's solutions for labels and evaluation")
     a = ap.parse_args(argv)
