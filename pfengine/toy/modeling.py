@@ -132,10 +132,6 @@ class Sampled:
     correct: bool
     answer: int | None
 
-    def locally_right_tokens(self) -> list[bool]:
-        """Per generated token: its step is locally right (a token worth learning to write)."""
-        return [ok for (a, e), ok in zip(self.spans, self.local) for _ in range(e - a)]
-
 
 def label(cutter: StepCutter, problem: Problem, prompt: list[int], tokens: list[int]) -> Sampled:
     spans = cutter.spans(tokens)
