@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from pfengine.config import (AGGREGATIONS, KV_DTYPES, LIKELIHOOD_REDUCTIONS, METHODS, RESAMPLING, SELECTIONS,
                              EngineConfig, InvalidArgument, PRMConfig, SamplingParams, SearchParams)
 from pfengine.prompting import NO_DELIMITER
-from pfengine.toy.pf import DEMO_TEMPERATURE, SCALING_RESULTS
+from pfengine.toy.pf import DEMO_TEMPERATURE, PRM_CONFIG, SCALING_RESULTS
 
 if TYPE_CHECKING:
     from pfengine.config import Request
@@ -495,8 +495,6 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     if model is None:
         model, default_prm = default_checkpoint()
         if prm is None:
-            from pfengine.toy.pf import PRM_CONFIG
-
             prm, likelihood = default_prm, likelihood or PRM_CONFIG.likelihood
     print(f"Model: {model}" + (f" + PRM {prm}" if prm else " (no PRM)"),
           file=sys.stderr if getattr(args, "json", False) else sys.stdout)
@@ -606,7 +604,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """A preset of ``eval`` on the bundled toy task, after one traced PF run."""
     from pfengine.eval.dataset import read_problems
     from pfengine.toy import demo
-    from pfengine.toy.pf import PRM, PRM_CONFIG, VALUE_HEAD, pf_request
+    from pfengine.toy.pf import PRM, VALUE_HEAD, pf_request
     from pfengine.toy.task import extract_answer, heldout_set
 
     out = Path(args.out)

@@ -187,9 +187,8 @@ class Engine:
         return out
 
     def _aggregation(self, aggregation: str) -> str:
-        """``model`` means the PRM judges the whole prefix; a likelihood PRM judges each step alone,
-        so there the prefix is as good as its worst step (``min``)."""
-        return "min" if aggregation == "model" and isinstance(self.prm, LikelihoodPRM) else aggregation
+        """The aggregation this engine's PRM runs for ``aggregation`` (:attr:`PRM.model_aggregation`)."""
+        return self.prm.model_aggregation if aggregation == "model" and self.prm is not None else aggregation
 
     def add_request(self, request: Request) -> int:
         """Validate and queue a request; it joins the running batch at the next round boundary."""
@@ -312,8 +311,9 @@ class Engine:
                f"{c.max_request_particles}")
         require(search.iterations <= c.max_iterations, "iterations",
                f"{search.iterations} is over this engine's limit, EngineConfig.max_iterations={c.max_iterations}")
-        if search.aggregation != self._aggregation(search.aggregation):
-            search = replace(search, aggregation=self._aggregation(search.aggregation))
+        aggregation = self._aggregation(search.aggregation)
+        if aggregation != search.aggregation:
+            search = replace(search, aggregation=aggregation)
             request = replace(request, search=search)
         method = make_method(search)
         if method.uses_prm and self.prm is None:

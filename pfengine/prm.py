@@ -5,7 +5,6 @@ style, or a causal LM judging each step by its own likelihood), or a Python call
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -50,10 +49,20 @@ class EndedSteps:
 
 class PRM(Protocol):
     reads_hidden: bool
+    model_aggregation: str
+    """What the ``model`` aggregation (the PRM judges the whole prefix) is for this kind: ``model``
+    where its score of a step reads the prefix, else the aggregation that makes a prefix's score
+    of its step scores."""
     """It scores the policy's hidden states (``EndedSteps.hidden``), which must then be current."""
 
     def score(self, ended: EndedSteps) -> torch.Tensor:
         """Step logits ``[m]`` (finite where the PRM behaved; the caller zeroes the others' weights)."""
+
+
+def prob_logit(p: torch.Tensor) -> torch.Tensor:
+    """``logit(p)`` as float32, p clipped to ``[P_CLIP, 1 - P_CLIP]`` (so within ``±LOGIT_CLIP``)."""
+    p = p.double().clamp(P_CLIP, 1 - P_CLIP)
+    return (p.log() - torch.log1p(-p)).float()
 
 
 def read_once(runner: ModelRunner, ended: EndedSteps, pending: list[list[int]],
@@ -78,6 +87,7 @@ class ValueHeadPRM:
     """``Linear(H,H) -> ReLU -> Linear(H,2)`` on the policy's own hidden state: no extra forward."""
 
     reads_hidden = True
+    model_aggregation = "model"
 
     def __init__(self, head: PRMHead) -> None:
         self.head = head
@@ -94,6 +104,7 @@ class ModelPRM:
     (Qwen2.5-Math-PRM layout) or, Math-Shepherd style, as P(good) vs P(bad) from the LM head."""
 
     reads_hidden = False
+    model_aggregation = "model"
 
     def __init__(self, runner: ModelRunner, step_tag_id: int, good_bad: tuple[int, int] | None = None) -> None:
         assert (runner.decoder.prm_head is None) == (good_bad is not None)
@@ -144,6 +155,7 @@ class LikelihoodPRM:
     ``ParticleTable.prm_partial``, which forks with the particle."""
 
     reads_hidden = False
+    model_aggregation = "min"  # it judges each step alone: a prefix is as good as its worst step
 
     def __init__(self, runner: ModelRunner, reduction: str) -> None:
         assert reduction in LIKELIHOOD_REDUCTIONS and runner.decoder.prm_head is None
@@ -169,8 +181,7 @@ class LikelihoodPRM:
 
         partial = read_once(self.runner, ended, pending, read)
         logp = partial[:, 0] if self.reduction == "min" else partial[:, 1] / partial[:, 2].clamp(min=1)
-        p = logp.double().exp().clamp(P_CLIP, 1 - P_CLIP)
-        return (p.log() - torch.log1p(-p)).float()
+        return prob_logit(logp.double().exp())
 
     def _read(self, rows: list[int], pending: list[list[int]], before: list[int],
               partial: torch.Tensor) -> torch.Tensor:
@@ -195,6 +206,7 @@ class LikelihoodPRM:
 
 class CallablePRM:
     reads_hidden = False
+    model_aggregation = "model"
 
     def __init__(self, fn: PRMFn) -> None:
         self.fn = fn
@@ -204,7 +216,7 @@ class CallablePRM:
         a probability (NaN, inf, outside [0, 1], not a number), is logged and read as 0: that
         particle's weight vanishes and the request goes on (one failed particle does not end a run)."""
         probs = [self._call(prompt, steps) for prompt, steps in ended.texts()]
-        return torch.tensor([math.log(max(p, P_CLIP) / max(1 - p, P_CLIP)) for p in probs]).clamp(-LOGIT_CLIP, LOGIT_CLIP)
+        return prob_logit(torch.tensor(probs, dtype=torch.float64))
 
     def _call(self, prompt: str, steps: list[str]) -> float:
         try:
