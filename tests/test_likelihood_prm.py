@@ -164,3 +164,22 @@ def test_likelihood_needs_a_directory(policy_dir, value_head_file):
         Engine(EngineConfig(model=policy_dir, prm=value_head_file, prm_config=cfg))
     with pytest.raises(InvalidArgument, match="prm_config"):
         Engine(EngineConfig(model=policy_dir, prm_config=cfg), prm_fn=lambda prompt, steps: 0.5)
+
+
+def test_a_refused_request_leaves_the_likelihood_engine_serving(policy_dir):
+    """A request over the engine's limits, then one whose search options are reassigned to nonsense
+    after construction: both refused with the field named, no block held in either cache, and the
+    next request runs with the worst-step scores of a likelihood PRM."""
+    engine = likelihood_engine(policy_dir)
+    sampling = SamplingParams(seed=0, max_steps=3, max_step_tokens=4)
+    with pytest.raises(InvalidArgument, match="n_particles"):
+        engine.generate([Request(PROMPT, sampling, SearchParams(n_particles=10 ** 6))])
+    bad = SearchParams(n_particles=4)
+    bad.aggregation = "worst"
+    with pytest.raises(InvalidArgument, match="aggregation"):
+        engine.generate([Request(PROMPT, sampling, bad)])
+    stats = engine.stats()
+    assert stats["policy_blocks_in_use"] == stats["prm_blocks_in_use"] == 0
+    result = engine.generate([Request(PROMPT, sampling, SearchParams(n_particles=4))])[0]
+    assert len(result.particles) == 4 and all(0 < p.score < 1 for p in result.particles)
+    assert engine.stats()["prm_blocks_in_use"] == 0
